@@ -1,0 +1,115 @@
+"""Block-by-block execution of a decoder over calibration windows.
+
+The hidden states entering decoder block 0 are captured once (a stand-in block records its inputs
+and stops the forward pass); afterwards every block is run on its own, so a pipeline can gather
+statistics of block k, change its weights, and feed the changed outputs to block k + 1 while only
+one block's activations are alive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compressor.calibration.stats import InputStats, StatsKind
+from compressor.models.arch import DecoderArch, InputGroup
+from compressor.models.layers import decoder_blocks
+
+
+@dataclass
+class BlockInputs:
+    """The inputs of one decoder block for every calibration batch."""
+
+    hidden: list[torch.Tensor]  # per batch: (B, T, hidden)
+    kwargs: list[dict[str, Any]]  # per batch: attention mask, rotary embeddings, position ids
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def clone(self) -> "BlockInputs":
+        return BlockInputs([h.clone() for h in self.hidden], list(self.kwargs))
+
+
+class _Captured(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.hidden: torch.Tensor | None = None
+        self.kwargs: dict[str, Any] = {}
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self.hidden, self.kwargs = hidden_states, kwargs
+        raise _Captured
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, arch: DecoderArch, windows: torch.Tensor, batch_size: int, desc: str = "capture"
+) -> BlockInputs:
+    """Run the embedding part of ``model`` on ``windows`` (N, T) and return block 0's inputs."""
+    blocks = decoder_blocks(model, arch)
+    catcher = _Catcher(blocks[0])
+    blocks[0] = catcher
+    base = model.get_submodule(arch.blocks.rsplit(".", 1)[0])  # e.g. model.model: no LM head needed
+    hidden, kwargs = [], []
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            try:
+                base(input_ids=windows[start : start + batch_size], use_cache=False)
+            except _Captured:
+                pass
+            hidden.append(catcher.hidden)
+            kwargs.append({k: v for k, v in catcher.kwargs.items() if k not in ("past_key_values", "use_cache")})
+    finally:
+        blocks[0] = catcher.inner
+    return BlockInputs(hidden, kwargs)
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs, desc: str | None = None) -> BlockInputs:
+    """Outputs of ``block`` for every batch: the next block's inputs."""
+    out = []
+    batches = zip(inputs.hidden, inputs.kwargs)
+    for hidden, kwargs in tqdm(batches, total=len(inputs), desc=desc, leave=False, disable=desc is None):
+        result = block(hidden, use_cache=False, **kwargs)
+        out.append(result[0] if isinstance(result, tuple) else result)
+    return BlockInputs(out, inputs.kwargs)
+
+
+@torch.no_grad()
+def collect_block_stats(
+    block: nn.Module,
+    inputs: BlockInputs,
+    groups: Sequence[InputGroup],
+    kind: StatsKind,
+    prefix: str = "block",
+    desc: str | None = None,
+) -> tuple[dict[str, InputStats], BlockInputs]:
+    """Run ``block`` with hooks and return per-input-group statistics and the block's outputs.
+
+    One hook per group, on its first linear: the linears of a group read the same tensor.
+    """
+    stats: dict[str, InputStats] = {}
+    handles = []
+    for group in groups:
+        linear = block.get_submodule(group.linears[0])
+        stats[group.name] = InputStats.empty(kind, linear.in_features)
+
+        def hook(module, args, _s=stats[group.name], _what=f"{prefix}.{group.linears[0]} input"):
+            _s.add(args[0], _what)
+
+        handles.append(linear.register_forward_pre_hook(hook))
+    try:
+        outputs = run_block(block, inputs, desc)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, outputs

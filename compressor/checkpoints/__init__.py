@@ -1,0 +1,1 @@
+"""Checkpoints and export: masks, HF folders, compressed N:M shards."""

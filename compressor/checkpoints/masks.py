@@ -1,0 +1,58 @@
+"""Masks on disk: one bit per weight, packed along each row, in a safetensors file.
+
+Keys are the weight names (``model.layers.0.self_attn.q_proj.weight``); the metadata records each
+mask's shape (rows are padded to whole bytes) and the sparsity the masks were made for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from safetensors import safe_open
+
+from compressor.errors import CheckpointError
+from compressor.sparsity.bitpack import pack_bits, unpack_bits
+from compressor.utils.fs import atomic_save_safetensors
+
+FORMAT = "compressor.masks.v1"
+
+
+def save_masks(path: str | Path, masks: Mapping[str, torch.Tensor], sparsity: Optional[str] = None) -> None:
+    packed = {name: pack_bits(mask.bool().cpu()).contiguous() for name, mask in masks.items()}
+    shapes = {name: list(mask.shape) for name, mask in masks.items()}
+    meta = {"format": FORMAT, "shapes": json.dumps(shapes)}
+    if sparsity is not None:
+        meta["sparsity"] = str(sparsity)
+    atomic_save_safetensors(packed, path, metadata=meta)
+
+
+def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
+    """All masks in ``path`` as bool tensors of their original shapes."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"mask file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(f"{path} is not a compressor mask file (format {meta.get('format')!r})")
+            shapes = json.loads(meta["shapes"])
+            out = {}
+            for name in fh.keys():
+                if name not in shapes:
+                    raise CheckpointError(f"{path}: mask {name} has no recorded shape")
+                rows, cols = shapes[name][:-1], shapes[name][-1]
+                out[name] = unpack_bits(fh.get_tensor(name), cols).reshape(*rows, cols)
+            return out
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors raises several types for truncated / corrupt files
+        raise CheckpointError(f"cannot read mask file {path}: {exc}") from exc
+
+
+def mask_file_sparsity(path: str | Path) -> Optional[str]:
+    with safe_open(str(path), framework="pt") as fh:
+        return (fh.metadata() or {}).get("sparsity")

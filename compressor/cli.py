@@ -1,0 +1,88 @@
+"""The `compressor` command line: each sub-command validates a YAML config and calls a run driver."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from compressor.errors import CompressorError
+from compressor.utils.logging import get_logger, setup_logging
+
+log = get_logger("compressor")
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--config", required=required, help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set sparsity=2:8 --set calibration.num_windows=32")
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", required=True, help="run folder to write (model, masks, report)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compressor", description="Make LLaMA-family models N:M sparse.")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="one-shot pruning (magnitude, wanda, sparsegpt, sparseswaps)")
+    _config_args(p, required=True)
+    _output_args(p)
+    p.add_argument("--ray-address", help="join an existing Ray cluster (sets executor.address)")
+
+    p = sub.add_parser("eval", help="perplexity of a model or a run folder")
+    _config_args(p, required=False)
+    p.add_argument("--model", help="model source: run folder, HF folder, .gguf file, hub name or smollm2-135m")
+    p.add_argument("--output", help="write the report JSON here")
+    return parser
+
+
+def _load(cls, args):
+    from compressor.config.base import load_config, parse_overrides, validate_config
+
+    if args.config:
+        return load_config(cls, args.config, args.overrides)
+    return validate_config(cls, parse_overrides(args.overrides), "command line")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        if args.command == "prune":
+            from compressor.runs.prune import PruneConfig, run_prune
+
+            if args.ray_address:
+                args.overrides.append(f"executor.address={args.ray_address}")
+            report = run_prune(_load(PruneConfig, args), args.output, args.overwrite, args.resume)
+            _summary(report)
+        elif args.command == "eval":
+            from compressor.runs.evaluate import EvalRunConfig, run_eval
+
+            if args.model:
+                args.overrides.append(f"model.source={args.model}")
+            report = run_eval(_load(EvalRunConfig, args), args.output)
+            print(json.dumps(report["perplexity"], indent=2))
+    except CompressorError as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+def _summary(report: dict) -> None:
+    s = report["summary"]
+    ppl = report.get("perplexity")
+    print(f"{report['method']} {report['sparsity']}: {s['linears']} linears, density {s['density']:.4f}, "
+          f"mean layer error {s['mean_layer_error'] if s['mean_layer_error'] is None else round(s['mean_layer_error'], 4)}, "
+          f"prune {report['timing']['prune_seconds']:.1f} s"
+          + (f", perplexity {ppl['perplexity']:.3f} ({ppl['windows']} windows)" if ppl else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

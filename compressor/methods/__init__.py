@@ -1,0 +1,1 @@
+"""Sparsification methods: pure per-layer functions (weight, statistics, options) -> mask / weight."""

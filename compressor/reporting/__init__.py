@@ -1,0 +1,1 @@
+"""Reports people look at: summaries, Markdown tables and matplotlib figures."""

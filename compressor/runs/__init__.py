@@ -1,0 +1,1 @@
+"""Run drivers: what a CLI command does, from a validated config to an output folder."""

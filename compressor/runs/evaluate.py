@@ -1,0 +1,40 @@
+"""`compressor eval`: perplexity of a model (a run's output folder, an HF folder, a GGUF file, a hub name)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from compressor.config.base import StrictModel
+from compressor.eval.config import EvalConfig
+from compressor.models.config import ModelConfig
+from compressor.runs.common import evaluate, eval_windows_for
+from compressor.utils.env import environment_info
+from compressor.utils.fs import atomic_write_json
+
+
+class EvalRunConfig(StrictModel):
+    model: ModelConfig = ModelConfig()
+    evaluation: EvalConfig = EvalConfig()
+
+
+def resolve_model_source(source: str) -> str:
+    """A run's output folder holds its model in ``model/``: accept the run folder itself."""
+    path = Path(source)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+        return str(path / "model")
+    return source
+
+
+def run_eval(cfg: EvalRunConfig, output: Optional[str | Path] = None) -> dict[str, Any]:
+    from compressor.models import load_model
+
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": resolve_model_source(cfg.model.source)})})
+    loaded = load_model(cfg.model)
+    windows, note = eval_windows_for(cfg.evaluation, loaded.tokenizer)
+    result = evaluate(loaded.model, windows, cfg.evaluation, note, "perplexity")
+    report = {"model": cfg.model.source, "config": cfg.model_dump(mode="json"), "perplexity": result.as_dict(),
+              "environment": environment_info()}
+    if output is not None:
+        atomic_write_json(output, report)
+    return report

@@ -1,0 +1,134 @@
+"""`compressor prune`: one-shot N:M (or unstructured) pruning of a causal LM, block by block."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from compressor.calibration.config import CalibrationConfig
+from compressor.checkpoints.masks import save_masks
+from compressor.config.base import SparsityField, StrictModel
+from compressor.eval.config import EvalConfig
+from compressor.execution.base import ExecutorConfig, make_executor
+from compressor.methods.registry import (
+    MagnitudeOptions, MethodName, SparseGPTOptions, SparseSwapsOptions, WandaOptions,
+)
+from compressor.models.checks import assert_finite_weights
+from compressor.models.config import ModelConfig
+from compressor.pipelines.block_store import BlockStore
+from compressor.pipelines.sequential import OneShotPlan, prune_sequential
+from compressor.reporting.markdown import prune_report_markdown
+from compressor.reporting.plots import plot_layer_errors
+from compressor.reporting.summary import mean_by_type, mean_of, weighted_density
+from compressor.sparsity import NM
+from compressor.runs.common import evaluate, eval_windows_for, finish_report, save_or_check_config
+from compressor.utils.fs import atomic_dir, prepare_output_dir
+from compressor.utils.logging import get_logger
+from compressor.utils.timing import PhaseTimer
+
+log = get_logger(__name__)
+
+
+class PruneConfig(StrictModel):
+    model: ModelConfig = ModelConfig()
+    sparsity: SparsityField = NM(2, 4)
+    method: MethodName = "wanda"
+    magnitude: MagnitudeOptions = MagnitudeOptions()
+    wanda: WandaOptions = WandaOptions()
+    sparsegpt: SparseGPTOptions = SparseGPTOptions()
+    sparseswaps: SparseSwapsOptions = SparseSwapsOptions()
+    targets: list[str] = [".*"]  # regexes over linear names (full match), e.g. ".*mlp.*"
+    ignore: list[str] = []
+    calibration: CalibrationConfig = CalibrationConfig()
+    evaluation: EvalConfig = EvalConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+    layer_error: bool = True  # report each layer's error against the dense model's inputs
+    save_model: bool = True
+
+    @property
+    def method_options(self) -> Any:
+        return getattr(self, self.method)
+
+
+def run_prune(cfg: PruneConfig, output: str | Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    from compressor.data import calibration_windows, load_token_ids
+    from compressor.models import load_model
+
+    out = prepare_output_dir(output, overwrite=overwrite, resume=resume)
+    save_or_check_config(out, cfg, resuming=resume)
+    timer = PhaseTimer()
+    with timer.phase("load"):
+        loaded = load_model(cfg.model)
+        assert_finite_weights(loaded.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    report: dict[str, Any] = {
+        "method": cfg.method,
+        "sparsity": str(cfg.sparsity),
+        "model": {"source": cfg.model.source, "folder": str(loaded.folder), "family": loaded.arch.family,
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "config": cfg.model_dump(mode="json"),
+    }
+
+    eval_windows = note = None
+    if cfg.evaluation.enabled:
+        with timer.phase("data"):
+            eval_windows, note = eval_windows_for(cfg.evaluation, tokenizer)
+        if cfg.evaluation.dense_baseline:
+            with timer.phase("evaluate"):
+                report["dense_perplexity"] = evaluate(model, eval_windows, cfg.evaluation, note, "dense").as_dict()
+
+    needs_data = cfg.method != "magnitude" or cfg.layer_error
+    with timer.phase("data"):
+        if needs_data:
+            c = cfg.calibration
+            windows = calibration_windows(load_token_ids(c.data, tokenizer), c.num_windows, c.seq_len, c.seed)
+        else:
+            windows = torch.empty(0, cfg.calibration.seq_len, dtype=torch.long)
+
+    plan = OneShotPlan(cfg.method, cfg.sparsity, cfg.method_options, cfg.sparsegpt, tuple(cfg.targets),
+                       tuple(cfg.ignore), cfg.calibration.batch_size, cfg.layer_error)
+    work = out / ".work" / "blocks"
+    with make_executor(cfg.executor) as executor:
+        outcome = prune_sequential(model, loaded.arch, windows, plan, executor, BlockStore(work), timer)
+    if outcome.resumed_blocks:
+        log.info("resumed: %d finished blocks loaded from %s", outcome.resumed_blocks, work)
+
+    layers = [asdict(r) for r in outcome.layers]
+    report["layers"] = layers
+    report["summary"] = {
+        "linears": len(layers),
+        "density": weighted_density(layers),
+        "pattern_ok": True,  # prune_sequential asserts the N:M pattern of every pruned weight
+        "mean_layer_error": mean_of(layers, "error"),
+        "error_by_type": mean_by_type(layers, "error"),
+        "mean_warm_start_error": mean_of(layers, "warm_start_error"),
+        "warm_start_error_by_type": mean_by_type(layers, "warm_start_error") or None,
+        "resumed_blocks": outcome.resumed_blocks,
+    }
+
+    with timer.phase("save"):
+        save_masks(out / "masks.safetensors", outcome.masks, str(cfg.sparsity))
+        if cfg.save_model:
+            with atomic_dir(out / "model", replace=True) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+    if eval_windows is not None:
+        with timer.phase("evaluate"):
+            report["perplexity"] = evaluate(model, eval_windows, cfg.evaluation, note, "pruned").as_dict()
+
+    plots = []
+    if cfg.layer_error and layers:
+        keys = ("error", "warm_start_error") if report["summary"]["mean_warm_start_error"] is not None else ("error",)
+        plots.append(plot_layer_errors(layers, out / "plots" / "layer_error.png",
+                                       f"{cfg.method} {cfg.sparsity}: layer error vs dense inputs", keys).relative_to(out))
+    report["outputs"] = {"model": "model" if cfg.save_model else None, "masks": "masks.safetensors",
+                         "plots": [str(p) for p in plots]}
+    times = timer.as_dict()
+    report["timing"] = {**times, "prune_seconds": round(times.get("calibrate", 0.0) + times.get("solve", 0.0), 3)}
+    report = finish_report(out, report, prune_report_markdown)
+    shutil.rmtree(out / ".work", ignore_errors=True)
+    return report

@@ -1,0 +1,111 @@
+"""The sequential pipeline against a plain re-implementation with whole-model forward passes."""
+
+import pytest
+import torch
+
+from compressor.execution.base import ExecutorConfig, InProcessExecutor, make_executor
+from compressor.methods.objective import reconstruction_error
+from compressor.methods.registry import MagnitudeOptions, WandaOptions
+from compressor.methods.wanda import wanda_mask
+from compressor.models import load_model
+from compressor.models.layers import prunable_linears
+from compressor.pipelines.block_store import BlockStore
+from compressor.pipelines.sequential import OneShotPlan, prune_sequential
+from compressor.sparsity import NM, is_nm
+
+WINDOWS = torch.randint(0, 49152, (6, 32), generator=torch.Generator().manual_seed(3))
+
+
+def _grams(model, targets, windows):
+    """Gram matrix of each target's input, from one forward pass of the whole model."""
+    grams, handles = {}, []
+    for t in targets:
+        def hook(m, args, name=t.name):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            grams[name] = grams.get(name, 0) + x.T @ x
+        handles.append(model.get_submodule(t.name).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for start in range(0, len(windows), 4):
+            model(windows[start : start + 4])
+    for h in handles:
+        h.remove()
+    return grams
+
+
+def test_wanda_is_sequential_and_errors_use_dense_inputs(tiny_llama_dir):
+    dense = load_model(str(tiny_llama_dir)).model
+    loaded = load_model(str(tiny_llama_dir))
+    plan = OneShotPlan("wanda", NM(2, 4), WandaOptions(), batch_size=4)
+    outcome = prune_sequential(loaded.model, loaded.arch, WINDOWS, plan, InProcessExecutor())
+
+    # Reference: prune block by block, each time measuring inputs with the partly pruned full model.
+    reference = load_model(str(tiny_llama_dir)).model
+    targets = prunable_linears(reference, loaded.arch)
+    for block in (0, 1):
+        block_targets = [t for t in targets if t.block == block]
+        grams = _grams(reference, block_targets, WINDOWS)
+        for t in block_targets:
+            w = reference.get_submodule(t.name).weight
+            w.data *= wanda_mask(w, torch.diagonal(grams[t.name]), NM(2, 4))
+    for t in targets:
+        got = loaded.model.get_submodule(t.name).weight
+        torch.testing.assert_close(got, reference.get_submodule(t.name).weight)
+        assert is_nm(got, NM(2, 4))
+        assert torch.equal(outcome.masks[f"{t.name}.weight"], got != 0)
+
+    dense_grams = _grams(dense, targets, WINDOWS)
+    by_name = {r.name: r for r in outcome.layers}
+    for t in targets:
+        w = dense.get_submodule(t.name).weight
+        expected = reconstruction_error(w, loaded.model.get_submodule(t.name).weight, dense_grams[t.name])
+        assert by_name[t.name].error == pytest.approx(expected, rel=1e-4)
+        assert 0 < by_name[t.name].error < 1
+    assert set(outcome.timer.as_dict()) >= {"calibrate", "solve", "error"}
+
+
+def test_targets_and_ignore_select_layers(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    plan = OneShotPlan("magnitude", NM(2, 4), MagnitudeOptions(), targets=(r".*mlp\..*",),
+                       ignore=(r"model\.layers\.1\..*",), layer_error=False)
+    outcome = prune_sequential(loaded.model, loaded.arch, WINDOWS[:0], plan, InProcessExecutor())
+    assert sorted(outcome.masks) == [f"model.layers.0.mlp.{n}_proj.weight" for n in ("down", "gate", "up")]
+    assert loaded.model.model.layers[1].mlp.up_proj.weight.count_nonzero() == 128 * 64
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_gives_the_identical_result(tiny_llama_dir, tmp_path):
+    plan = OneShotPlan("wanda", NM(2, 4), WandaOptions(), batch_size=4)
+    whole = load_model(str(tiny_llama_dir))
+    prune_sequential(whole.model, whole.arch, WINDOWS, plan, InProcessExecutor())
+
+    def crash_after_block_0(k):
+        if k == 0:
+            raise _Crash
+
+    first = load_model(str(tiny_llama_dir))
+    with pytest.raises(_Crash):
+        prune_sequential(first.model, first.arch, WINDOWS, plan, InProcessExecutor(), BlockStore(tmp_path),
+                         on_block_done=crash_after_block_0)
+    assert BlockStore(tmp_path).has(0) and not BlockStore(tmp_path).has(1)
+
+    resumed = load_model(str(tiny_llama_dir))
+    outcome = prune_sequential(resumed.model, resumed.arch, WINDOWS, plan, InProcessExecutor(), BlockStore(tmp_path))
+    assert outcome.resumed_blocks == 1
+    for name, p in whole.model.named_parameters():
+        assert torch.equal(p, resumed.model.get_parameter(name)), name
+
+
+@pytest.mark.ray
+def test_ray_and_in_process_executors_give_identical_masks(tiny_llama_dir):
+    plan = OneShotPlan("wanda", NM(2, 4), WandaOptions(), batch_size=4, layer_error=False)
+    local = load_model(str(tiny_llama_dir))
+    a = prune_sequential(local.model, local.arch, WINDOWS, plan, InProcessExecutor())
+    remote = load_model(str(tiny_llama_dir))
+    with make_executor(ExecutorConfig(kind="ray", num_cpus=2, object_store_mb=500)) as ray_exec:
+        b = prune_sequential(remote.model, remote.arch, WINDOWS, plan, ray_exec)
+    assert a.masks.keys() == b.masks.keys()
+    for name in a.masks:
+        assert torch.equal(a.masks[name], b.masks[name]), name
