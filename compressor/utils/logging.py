@@ -17,9 +17,11 @@ def setup_logging(level: str | int = "INFO") -> None:
         logger.setLevel(level)
         return
     try:
+        from rich.console import Console
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
+        # Logs go to stderr, so that stdout carries only results (e.g. `compressor eval` JSON).
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
     except ImportError:  # pragma: no cover - rich is a dependency
         handler = logging.StreamHandler()

@@ -1,0 +1,69 @@
+"""Every shipped config loads; bad configs fail at load with a message naming the field."""
+
+from pathlib import Path
+
+import pytest
+
+from compressor.cli import main
+from compressor.config.base import load_config
+from compressor.errors import ConfigError
+from compressor.runs.prune import PruneConfig
+from compressor.sparsity import NM, Unstructured
+
+ROOT = Path(__file__).resolve().parents[2]
+PRUNE_CONFIGS = sorted((ROOT / "configs" / "prune").glob("*.yaml")) + [ROOT / "configs" / "quickstart.yaml"]
+
+
+@pytest.mark.parametrize("path", PRUNE_CONFIGS, ids=lambda p: p.name)
+def test_shipped_prune_configs_validate(path):
+    cfg = load_config(PruneConfig, path)
+    assert cfg.sparsity == NM(2, 4)
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("methd: wanda\n", "methd"),  # misspelt key
+        ("method: obs\n", "method"),
+        ("sparsity: '4:4'\n", "sparsity"),
+        ("sparsity: '3:2'\n", "sparsity"),
+        ("sparsity: 1.5\n", "sparsity"),
+        ("calibration: {num_windows: -3}\n", "calibration.num_windows"),
+        ("sparsegpt: {damp: 2}\n", "sparsegpt.damp"),
+        ("executor: {kind: slurm}\n", "executor.kind"),
+        ("model: {dtype: int8}\n", "model.dtype"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path, text, field):
+    with pytest.raises(ConfigError, match=f"`{field}"):
+        load_config(PruneConfig, _write(tmp_path, text))
+
+
+def test_unquoted_nm_in_yaml_and_overrides(tmp_path):
+    cfg = load_config(PruneConfig, _write(tmp_path, "sparsity: 2:8\n"), ["calibration.seq_len=128"])
+    assert cfg.sparsity == NM(2, 8) and cfg.calibration.seq_len == 128
+    cfg = load_config(PruneConfig, _write(tmp_path, "{}\n"), ["sparsity=0.6"])
+    assert cfg.sparsity == Unstructured(0.6)
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(PruneConfig, _write(tmp_path, "a: [1,\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(PruneConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(PruneConfig, _write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
+    code = main(["prune", "--config", str(_write(tmp_path, "sparsity: '5:4'\n")), "--output", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "sparsity" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
