@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, required=False)
     p.add_argument("--model", help="model source: run folder, HF folder, .gguf file, hub name or smollm2-135m")
     p.add_argument("--output", help="write the report JSON here")
+
+    from compressor.runs.export import EXAMPLES, add_export_arguments
+
+    p = sub.add_parser("export", help="convert a run / HF folder to compressed N:M shards or dense-with-zeros",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_export_arguments(p)
     return parser
 
 
@@ -69,6 +75,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.overrides.append(f"model.source={args.model}")
             report = run_eval(_load(EvalRunConfig, args), args.output)
             print(json.dumps(report["perplexity"], indent=2))
+        elif args.command == "export":
+            from compressor.runs.export import run_export
+
+            return run_export(args)
     except CompressorError as e:
         log.error("%s", e)
         return 2
