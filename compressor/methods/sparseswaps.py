@@ -39,24 +39,28 @@ def row_losses(weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor) -> 
     return ((e @ gram.to(torch.float64)) * e).sum(dim=1)
 
 
-def swap_deltas(w: torch.Tensor, c: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, nm: NM) -> torch.Tensor:
-    """Loss change of every within-group swap: (rows, groups, M, M), entry [r, g, a, b] for pruned a
-    becoming kept and kept b becoming pruned; +inf where (a, b) is not such a pair.
+def _grouped(t: torch.Tensor, nm: NM) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1, nm.m)  # (R, G, M)
 
-    ``gram`` is the full (in, in) matrix; only its within-group blocks and diagonal are read.
-    """
-    rows, cols = w.shape
-    groups = cols // nm.m
-    wg = w.reshape(rows, groups, nm.m)  # (R, G, M)
-    cg = c.reshape(rows, groups, nm.m)
-    idx = torch.arange(cols).reshape(groups, nm.m)
+
+def swap_constant(w: torch.Tensor, gram: torch.Tensor, nm: NM) -> torch.Tensor:
+    """The part of every swap delta that does not change as swaps are made (it depends on w and G only):
+    w_p^2 G_pp + w_u^2 G_uu - 2 w_p w_u G_pu, as (R, G, M, M) indexed [r, g, p, u]."""
+    cols = w.shape[1]
+    idx = torch.arange(cols).reshape(cols // nm.m, nm.m)
     g_blk = gram[idx.unsqueeze(-1), idx.unsqueeze(-2)]  # (G, M, M) within-group blocks
-    diag = torch.diagonal(g_blk, dim1=-2, dim2=-1)  # (G, M)
-    kept = mask.reshape(rows, groups, nm.m)
-    a_term = -2 * wg * cg + wg * wg * diag  # p = a: -2 w_p c_p + w_p^2 G_pp   (R, G, M)
-    b_term = 2 * wg * cg + wg * wg * diag  # u = b: 2 w_u c_u + w_u^2 G_uu
-    cross = -2 * wg.unsqueeze(-1) * wg.unsqueeze(-2) * g_blk  # (R, G, M, M): -2 w_a w_b G_ab
-    delta = a_term.unsqueeze(-1) + b_term.unsqueeze(-2) + cross
+    wg = _grouped(w, nm)
+    sq = wg * wg * torch.diagonal(g_blk, dim1=-2, dim2=-1)  # (R, G, M): w_i^2 G_ii
+    return sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * wg.unsqueeze(-1) * wg.unsqueeze(-2) * g_blk
+
+
+def swap_deltas(w: torch.Tensor, c: torch.Tensor, mask: torch.Tensor, nm: NM, constant: torch.Tensor) -> torch.Tensor:
+    """Loss change of every within-group swap: (R, G, M, M), entry [r, g, a, b] for pruned a becoming
+    kept and kept b becoming pruned; +inf where (a, b) is not such a pair. ``constant`` comes from
+    :func:`swap_constant` for the same rows."""
+    t = 2 * _grouped(w, nm) * _grouped(c, nm)  # (R, G, M): 2 w_i c_i
+    delta = constant - t.unsqueeze(-1) + t.unsqueeze(-2)
+    kept = _grouped(mask, nm)
     valid = (~kept).unsqueeze(-1) & kept.unsqueeze(-2)  # a pruned, b kept
     return delta.masked_fill(~valid, float("inf"))
 
@@ -88,11 +92,12 @@ def sparseswaps(
     loss_before = ((c * (w * (~mask))).sum(1)).clone()
     swaps = torch.zeros(rows, dtype=torch.int64)
     active = torch.arange(rows)
+    constant = swap_constant(w, g, nm)
     scale = torch.diagonal(g).mean().clamp_min(1e-300) * (w * w).sum(1).clamp_min(1e-300)  # per-row loss scale
     for _ in range(max_iters):
         if active.numel() == 0:
             break
-        delta = swap_deltas(w[active], c[active], g, mask[active], nm)  # (A, G, M, M)
+        delta = swap_deltas(w[active], c[active], mask[active], nm, constant[active])  # (A, G, M, M)
         best, flat = delta.reshape(active.numel(), -1).min(dim=1)
         improving = best < -tol * scale[active]
         if not improving.any():

@@ -7,7 +7,7 @@ import torch
 
 from compressor.errors import SparsityPatternError
 from compressor.methods.magnitude import magnitude_mask
-from compressor.methods.sparseswaps import row_losses, sparseswaps, swap_deltas
+from compressor.methods.sparseswaps import row_losses, sparseswaps, swap_constant, swap_deltas
 from compressor.sparsity import NM, Unstructured, is_nm
 from tests.methods.test_sparsegpt import correlated_problem
 
@@ -22,7 +22,7 @@ def test_closed_form_delta_equals_brute_force_for_every_swap(nm):
     w = w.double()
     mask = magnitude_mask(w, nm)
     c = (w * ~mask) @ g
-    delta = swap_deltas(w, c, g, mask, nm)
+    delta = swap_deltas(w, c, mask, nm, swap_constant(w, g, nm))
     base = _loss(w, g, mask)
     checked = 0
     for r, grp, a, b in itertools.product(range(3), range(16 // nm.m), range(nm.m), range(nm.m)):
