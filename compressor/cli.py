@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(p)
     p.add_argument("--ray-address", help="join an existing Ray cluster (sets executor.address)")
 
+    p = sub.add_parser("learn", help="learn N:M masks with MaskLLM (single process or DeepSpeed)")
+    _config_args(p, required=True)
+    _output_args(p)
+
     p = sub.add_parser("eval", help="perplexity of a model or a run folder")
     _config_args(p, required=False)
     p.add_argument("--model", help="model source: run folder, HF folder, .gguf file, hub name or smollm2-135m")
@@ -68,6 +72,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.overrides.append(f"executor.address={args.ray_address}")
             report = run_prune(_load(PruneConfig, args), args.output, args.overwrite, args.resume)
             _summary(report)
+        elif args.command == "learn":
+            from compressor.runs.learn import launch_learn
+            from compressor.training.config import LearnConfig
+
+            report = launch_learn(_load(LearnConfig, args), args.output, args.overwrite, args.resume)
+            if report is not None:
+                ppl = report.get("perplexity")
+                print(f"maskllm {report['sparsity']}: {len(report['history']['logs'])} log points"
+                      + (f", hard-mask perplexity {ppl['perplexity']:.3f} ({ppl['windows']} windows)" if ppl else ""))
         elif args.command == "eval":
             from compressor.runs.evaluate import EvalRunConfig, run_eval
 
