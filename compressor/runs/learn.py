@@ -1,0 +1,187 @@
+"""`compressor learn`: MaskLLM mask learning, single process or DeepSpeed ranks, resumable.
+
+Rank 0 owns the output folder: checkpoints under ``checkpoints/``, and at the end the hard masks,
+the logits (for transfer), the masked model, the report and its plots.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from compressor.checkpoints.logits import load_logits, save_logits
+from compressor.checkpoints.masks import load_masks, save_masks
+from compressor.errors import ConfigError
+from compressor.execution.base import InProcessExecutor
+from compressor.methods.maskllm import attach_masks, mask_memory_bytes, remove_masks
+from compressor.methods.registry import STATS_NEEDED
+from compressor.models.checks import assert_finite_weights
+from compressor.models.layers import prunable_linears
+from compressor.pipelines.sequential import OneShotPlan, prune_sequential
+from compressor.reporting.plots import plot_lines
+from compressor.runs.common import evaluate, eval_windows_for, finish_report, save_or_check_config
+from compressor.training.backends import Backend, DeepSpeedBackend, SingleProcessBackend
+from compressor.training.config import LearnConfig
+from compressor.training.loop import train_masks
+from compressor.utils.fs import atomic_dir, prepare_output_dir
+from compressor.utils.logging import get_logger, setup_logging
+from compressor.utils.timing import PhaseTimer
+
+log = get_logger(__name__)
+
+
+def prior_masks(cfg: LearnConfig, names: list[str]) -> Optional[dict[str, torch.Tensor]]:
+    """Masks to start the logits from (weight names -> bool), or None for random logits."""
+    prior = cfg.prior
+    if prior.kind == "none":
+        return None
+    if prior.kind == "file":
+        path = Path(prior.path)
+        path = path / "masks.safetensors" if path.is_dir() else path
+        masks = load_masks(path)
+    else:
+        from compressor.data import calibration_windows, load_token_ids
+        from compressor.models import load_model
+
+        # A separate copy of the model: the one-shot pipeline writes pruned weights, ours stay dense.
+        loaded = load_model(cfg.model)
+        c = prior.calibration
+        windows = calibration_windows(load_token_ids(c.data, loaded.tokenizer), c.num_windows, c.seq_len, c.seed)
+        options = {"sparsegpt": prior.sparsegpt, "sparseswaps": prior.sparseswaps}.get(prior.kind)
+        plan = OneShotPlan(prior.kind, cfg.maskllm.sparsity, options, prior.sparsegpt, tuple(cfg.targets),
+                           tuple(cfg.ignore), c.batch_size, layer_error=False)
+        if STATS_NEEDED[prior.kind] == "none":
+            windows = windows[:0]
+        masks = prune_sequential(loaded.model, loaded.arch, windows, plan, InProcessExecutor()).masks
+        del loaded
+    missing = [n for n in names if n not in masks]
+    if missing:
+        raise ConfigError(f"the prior has no mask for {len(missing)} layers, e.g. {missing[0]}; "
+                          "it was made for other targets or another model")
+    return {n: masks[n] for n in names}
+
+
+def make_stream(cfg: LearnConfig, tokenizer, rank: int, world_size: int):
+    from compressor.data import WindowStream
+
+    t = cfg.train
+    return WindowStream(t.data, tokenizer, t.seq_len, rank=rank, world_size=world_size, seed=t.seed,
+                        shuffle_buffer=t.shuffle_buffer)
+
+
+def make_backend(cfg: LearnConfig) -> Backend:
+    return DeepSpeedBackend(cfg.deepspeed) if cfg.backend == "deepspeed" else SingleProcessBackend()
+
+
+def run_learn(cfg: LearnConfig, output: str | Path, overwrite: bool = False, resume: bool = False) -> Optional[dict[str, Any]]:
+    """Run on every rank (rank and world size come from the environment); rank 0 returns the report."""
+    from compressor.models import load_model
+
+    backend = make_backend(cfg)
+    out = Path(output)
+    if backend.is_main:
+        prepare_output_dir(out, overwrite=overwrite, resume=resume)
+        save_or_check_config(out, cfg, resuming=resume, ignore=("evaluation",))
+    backend.barrier()
+    timer = PhaseTimer()
+    torch.manual_seed(cfg.train.seed)
+    with timer.phase("load"):
+        loaded = load_model(cfg.model)
+        assert_finite_weights(loaded.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    names = [f"{t.name}.weight" for t in prunable_linears(model, loaded.arch, cfg.targets, cfg.ignore)]
+    with timer.phase("prior"):
+        priors = None if cfg.init_logits else prior_masks(cfg, names)
+    masks = attach_masks(model, [n[: -len(".weight")] for n in names], cfg.maskllm, priors, seed=cfg.train.seed)
+    if cfg.init_logits:
+        _load_transfer_logits(masks, cfg.init_logits)
+    params = [{"params": [m.logits for m in masks.values()], "lr": cfg.maskllm.logits_lr}]
+    if cfg.maskllm.train_weights:
+        weights = [model.get_submodule(n).parametrizations.weight.original for n in masks]
+        params.append({"params": weights, "lr": cfg.maskllm.weight_lr})
+    backend.setup(model, params, cfg.train.grad_accum, cfg.train.micro_batch_size)
+    stream = make_stream(cfg, tokenizer, backend.rank, backend.world_size)
+
+    evaluate_fn = None
+    if cfg.evaluation.enabled and backend.is_main:
+        eval_windows, note = eval_windows_for(cfg.evaluation, tokenizer)
+        evaluate_fn = lambda: evaluate(model, eval_windows, cfg.evaluation, note, "hard mask").perplexity  # noqa: E731
+    elif cfg.evaluation.enabled:
+        evaluate_fn = lambda: float("nan")  # noqa: E731  (only rank 0 evaluates; others wait at the next collective)
+
+    with timer.phase("train"):
+        history = train_masks(model, masks, cfg.maskllm, cfg.train, stream, backend, out / "checkpoints", evaluate_fn)
+    if not backend.is_main:
+        backend.close()
+        return None
+
+    report: dict[str, Any] = {"method": "maskllm", "sparsity": str(cfg.maskllm.sparsity), "model": {"source": cfg.model.source},
+                              "config": cfg.model_dump(mode="json"), "backend": cfg.backend, "world_size": backend.world_size,
+                              "history": {"logs": history.logs, "evals": history.evals},
+                              "memory_per_masked_weight": mask_memory_bytes(masks)}
+    with timer.phase("save"):
+        hard = {f"{name}.weight": m.hard_mask() for name, m in masks.items()}
+        save_masks(out / "masks.safetensors", hard, str(cfg.maskllm.sparsity))
+        save_logits(out / "logits.safetensors", {f"{n}.weight": m.logits.detach().float() for n, m in masks.items()},
+                    cfg.maskllm.sparsity)
+        remove_masks(model, bake=True)
+        with atomic_dir(out / "model", replace=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    if cfg.evaluation.enabled:
+        with timer.phase("evaluate"):
+            report["perplexity"] = evaluate(model, eval_windows, cfg.evaluation, note, "final hard mask").as_dict()
+    plots = _plots(out, history)
+    report["outputs"] = {"model": "model", "masks": "masks.safetensors", "logits": "logits.safetensors", "plots": plots}
+    report["timing"] = timer.as_dict()
+    finish_report(out, report)
+    backend.close()
+    return report
+
+
+def _load_transfer_logits(masks: dict[str, Any], path: str) -> None:
+    logits = load_logits(Path(path) / "logits.safetensors" if Path(path).is_dir() else path)
+    for name, m in masks.items():
+        key = f"{name}.weight"
+        if key not in logits:
+            raise ConfigError(f"init_logits {path} has no logits for {key}")
+        m.load_logits(logits[key], what=key)
+
+
+def _plots(out: Path, history) -> list[str]:
+    plots = []
+    if history.logs:
+        plots.append(plot_lines({"training loss": [(r["tokens"], r["loss"]) for r in history.logs]},
+                                out / "plots" / "loss.png", "MaskLLM training loss", "training tokens", "LM loss"))
+        plots.append(plot_lines({"mask flip rate": [(r["tokens"], r["flip_rate"]) for r in history.logs],
+                                 "mean max prob": [(r["tokens"], r["max_prob"]) for r in history.logs]},
+                                out / "plots" / "mask_stats.png", "Mask convergence", "training tokens", "fraction"))
+    if history.evals:
+        plots.append(plot_lines({"hard-mask perplexity": [(r["tokens"], r["perplexity"]) for r in history.evals]},
+                                out / "plots" / "perplexity.png", "Perplexity of the hard mask", "training tokens",
+                                "perplexity", logy=True))
+    return [str(p.relative_to(out)) for p in plots]
+
+
+def _worker(rank: int, world_size: int, cfg: LearnConfig, output: str, overwrite: bool, resume: bool) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(cfg.deepspeed.master_port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    setup_logging("INFO" if rank == 0 else "WARNING")
+    run_learn(cfg, output, overwrite, resume)
+
+
+def launch_learn(cfg: LearnConfig, output: str | Path, overwrite: bool = False, resume: bool = False) -> Optional[dict]:
+    """One process, or ``deepspeed.world_size`` local ranks (one command; a cluster uses its own launcher)."""
+    if cfg.backend != "deepspeed" or cfg.deepspeed.world_size == 1 or "RANK" in os.environ:
+        return run_learn(cfg, output, overwrite, resume)
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(cfg.deepspeed.world_size, cfg, str(output), overwrite, resume),
+             nprocs=cfg.deepspeed.world_size, join=True)
+    return json.loads((Path(output) / "report.json").read_text())

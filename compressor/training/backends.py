@@ -1,0 +1,148 @@
+"""Where a training step runs: one process, or DeepSpeed ZeRO over data-parallel ranks.
+
+The loop only calls ``backward``, ``step``, ``all_mean`` and the checkpoint methods, so the same loop
+serves every backend. DeepSpeed gets our own torch AdamW (a "client optimizer"), which avoids its C++
+Adam build and keeps single-process and DeepSpeed numerics the same.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional
+
+import torch
+from pydantic import PositiveInt
+
+from compressor.config.base import StrictModel
+
+
+class DeepSpeedConfig(StrictModel):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    world_size: PositiveInt = 1  # data-parallel ranks started by `compressor learn` (torch.multiprocessing)
+    master_port: PositiveInt = 29533
+
+
+class Backend(ABC):
+    rank: int = 0
+    world_size: int = 1
+
+    @abstractmethod
+    def setup(self, model: torch.nn.Module, param_groups: list[dict], grad_accum: int, micro_batch: int) -> None: ...
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def step(self) -> None:
+        """Optimizer step and zeroed gradients, after ``grad_accum`` backward calls."""
+
+    @abstractmethod
+    def optimizer_state(self) -> Any: ...
+
+    @abstractmethod
+    def load_optimizer_state(self, state: Any) -> None: ...
+
+    def all_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def adamw(param_groups: list[dict]) -> torch.optim.Optimizer:
+    # foreach=False: the per-parameter loop is deterministic and frugal with memory on CPU
+    return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=False)
+
+
+class SingleProcessBackend(Backend):
+    def setup(self, model, param_groups, grad_accum, micro_batch) -> None:
+        self.optimizer = adamw(param_groups)
+        self.grad_accum = grad_accum
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_state(self) -> Any:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: Any) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+class DeepSpeedBackend(Backend):
+    """ZeRO stage 0-3 over the ranks of an initialised torch.distributed group (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, cfg: DeepSpeedConfig) -> None:
+        import torch.distributed as dist
+
+        self.cfg = cfg
+        for key, default in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(cfg.master_port)),
+                             ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(key, default)
+        import deepspeed
+
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def setup(self, model, param_groups, grad_accum, micro_batch) -> None:
+        import deepspeed
+
+        self.grad_accum = grad_accum
+        optimizer = adamw(param_groups)
+        params = [p for g in param_groups for p in g["params"]]
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": grad_accum,
+            "zero_optimization": {"stage": self.cfg.zero_stage},
+            "gradient_clipping": 0.0,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=params, config=config
+        )
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # DeepSpeed scales by 1 / grad_accum itself
+        self.engine.step()  # a no-op except at the accumulation boundary
+
+    def step(self) -> None:
+        pass  # the engine stepped at the accumulation boundary inside ``backward``
+
+    def optimizer_state(self) -> Any:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: Any) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def all_mean(self, value: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value / self.world_size
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,61 @@
+"""The `compressor learn` config: MaskLLM mask learning on a streamed corpus."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, PositiveInt, model_validator
+
+from compressor.calibration.config import CalibrationConfig
+from compressor.config.base import StrictModel
+from compressor.data.config import DatasetConfig
+from compressor.eval.config import EvalConfig
+from compressor.methods.maskllm.config import MaskLLMConfig
+from compressor.methods.registry import SparseGPTOptions, SparseSwapsOptions
+from compressor.models.config import ModelConfig
+from compressor.training.backends import DeepSpeedConfig
+
+
+class PriorConfig(StrictModel):
+    """Where the initial logits come from."""
+
+    # none: random logits; a one-shot method: run it first (mask only, weights untouched);
+    # file: masks.safetensors / a `compressor prune` run folder
+    kind: Literal["none", "magnitude", "wanda", "sparsegpt", "sparseswaps", "file"] = "sparsegpt"
+    path: Optional[str] = None
+    calibration: CalibrationConfig = CalibrationConfig()
+    sparsegpt: SparseGPTOptions = SparseGPTOptions(update_weights=False)
+    sparseswaps: SparseSwapsOptions = SparseSwapsOptions()
+
+    @model_validator(mode="after")
+    def _path_iff_file(self) -> "PriorConfig":
+        if (self.kind == "file") != (self.path is not None):
+            raise ValueError("give prior.path exactly when prior.kind is 'file'")
+        return self
+
+
+class TrainConfig(StrictModel):
+    data: DatasetConfig = DatasetConfig()
+    seq_len: PositiveInt = 512
+    micro_batch_size: PositiveInt = 4
+    grad_accum: PositiveInt = 1
+    steps: PositiveInt = 200
+    seed: int = 0
+    shuffle_buffer: int = Field(0, ge=0)  # windows; 0 = corpus order
+    log_every: PositiveInt = 10
+    eval_every: Optional[PositiveInt] = 50  # perplexity of the hard mask
+    checkpoint_every: PositiveInt = 50
+    keep_checkpoints: PositiveInt = 2
+
+
+class LearnConfig(StrictModel):
+    model: ModelConfig = ModelConfig()
+    maskllm: MaskLLMConfig = MaskLLMConfig()
+    prior: PriorConfig = PriorConfig()
+    init_logits: Optional[str] = None  # transfer: logits.safetensors of an earlier run (overrides the prior)
+    targets: list[str] = [".*"]
+    ignore: list[str] = []
+    train: TrainConfig = TrainConfig()
+    evaluation: EvalConfig = EvalConfig(max_windows=16)
+    backend: Literal["single", "deepspeed"] = "single"
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()

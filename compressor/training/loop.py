@@ -1,0 +1,130 @@
+"""The mask-learning loop, read top to bottom: sample a batch, forward with soft masks, backward into
+the logits, step, and now and then log, evaluate the hard mask and checkpoint.
+
+It knows nothing of how ranks are arranged (see backends.py) nor of where the logits came from.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from compressor.errors import NonFiniteError
+from compressor.methods.maskllm import (
+    mask_stats, mask_train, set_schedule_state, sparse_weight_regularizer,
+)
+from compressor.methods.maskllm.config import MaskLLMConfig
+from compressor.training.backends import Backend
+from compressor.training.checkpoint import (
+    latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+)
+from compressor.training.config import TrainConfig
+from compressor.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class History:
+    logs: list[dict[str, float]] = field(default_factory=list)  # every log_every steps
+    evals: list[dict[str, float]] = field(default_factory=list)  # hard-mask perplexity
+
+
+def _schedule(mcfg: MaskLLMConfig, step: int, total: int) -> tuple[float, float, float]:
+    return (mcfg.tau.value_at(step, total), mcfg.kappa.value_at(step, total), mcfg.regularizer.value_at(step, total))
+
+
+def train_masks(
+    model: torch.nn.Module,
+    masks: dict[str, Any],
+    mcfg: MaskLLMConfig,
+    tcfg: TrainConfig,
+    stream,
+    backend: Backend,
+    checkpoint_root: Path,
+    evaluate: Optional[Callable[[], float]] = None,
+    tokens_per_step: Optional[int] = None,
+) -> History:
+    """Train ``masks`` (attached to ``model``) for ``tcfg.steps`` optimizer steps, resuming if possible."""
+    history = History()
+    start = 0
+    found = latest_checkpoint(checkpoint_root)
+    if found is not None:
+        start, shared, mine = load_checkpoint(found, backend.rank)
+        with torch.no_grad():
+            for name, m in masks.items():
+                m.logits.copy_(shared["logits"][name])
+        backend.load_optimizer_state(mine["optimizer"])
+        stream.load_state_dict(mine["stream"])
+        set_rng_state(mine["rng"])
+        for name, m in masks.items():
+            m.generator.set_state(mine["mask_rng"][name])
+        history = History(**shared["history"])
+        log.info("resumed from %s at step %d", found, start)
+    tokens_per_step = tokens_per_step or tcfg.micro_batch_size * tcfg.grad_accum * tcfg.seq_len * backend.world_size
+    prev_argmax = {n: m.argmax_patterns() for n, m in masks.items()}
+    mask_train(masks, True)
+    model.train()  # no dropout in LLaMA; the mode only selects soft (train) vs hard (eval) masks
+    bar = tqdm(total=tcfg.steps, initial=start, desc="learn masks", unit="step", disable=not backend.is_main)
+    window_loss = torch.zeros((), dtype=torch.float64)
+    window_steps, window_start = 0, time.perf_counter()
+    for step in range(start, tcfg.steps):
+        tau, kappa, lam = _schedule(mcfg, step, tcfg.steps)
+        set_schedule_state(masks, tau, kappa)
+        step_loss = torch.zeros((), dtype=torch.float64)
+        for _ in range(tcfg.grad_accum):
+            ids = stream.next_batch(tcfg.micro_batch_size)  # (B, T)
+            lm_loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            # Subtracting the kept weights' energy rewards masks that keep large weights.
+            loss = lm_loss - lam * sparse_weight_regularizer(masks) if lam > 0 else lm_loss
+            if not torch.isfinite(loss):
+                raise NonFiniteError(
+                    f"non-finite loss at step {step}; the last good checkpoint in {checkpoint_root} is intact "
+                    "(lower maskllm.logits_lr or check the data and weights, then --resume)"
+                )
+            backend.backward(loss)
+            step_loss += lm_loss.detach().double() / tcfg.grad_accum
+        backend.step()
+        window_loss += backend.all_mean(step_loss)
+        window_steps += 1
+        done = step + 1
+        bar.update(1)
+        if done % tcfg.log_every == 0 or done == tcfg.steps:
+            stats = mask_stats(masks, prev_argmax)
+            prev_argmax = {n: m.argmax_patterns() for n, m in masks.items()}
+            seconds = time.perf_counter() - window_start
+            row = {"step": done, "tokens": done * tokens_per_step, "loss": float(window_loss / window_steps),
+                   "tau": tau, "kappa": kappa, "lambda": lam, "max_prob": stats["max_prob"],
+                   "flip_rate": stats["flip_rate"], "seconds_per_step": seconds / window_steps,
+                   "tokens_per_second": tokens_per_step * window_steps / seconds}
+            history.logs.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tau=f"{tau:.2f}", flips=f"{row['flip_rate']:.4f}")
+            window_loss.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+        if evaluate is not None and tcfg.eval_every and (done % tcfg.eval_every == 0 or done == tcfg.steps):
+            mask_train(masks, False)
+            ppl = evaluate()
+            mask_train(masks, True)
+            history.evals.append({"step": done, "tokens": done * tokens_per_step, "perplexity": ppl})
+            log.info("step %d: hard-mask perplexity %.3f", done, ppl)
+        if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
+            _save(checkpoint_root, done, masks, backend, stream, history, tcfg.keep_checkpoints)
+    bar.close()
+    mask_train(masks, False)
+    return history
+
+
+def _save(root: Path, step: int, masks: dict[str, Any], backend: Backend, stream, history: History, keep: int) -> None:
+    shared = None
+    if backend.is_main:
+        shared = {"logits": {n: m.logits.detach().clone() for n, m in masks.items()},
+                  "history": {"logs": history.logs, "evals": history.evals}}
+    mine = {"optimizer": backend.optimizer_state(), "stream": stream.state_dict(), "rng": rng_state(),
+            "mask_rng": {n: m.generator.get_state() for n, m in masks.items()}}
+    save_checkpoint(root, step, backend.rank, shared, mine, backend.barrier, keep)
