@@ -30,16 +30,21 @@ ROWS = {
 }
 
 
-def run_row(name: str, out_root: Path, max_windows: int | None, workers: int, extra: list[str]) -> dict:
+def run_row(name: str, out_root: Path, max_windows: int | None, workers: int, extra: list[str], reuse: bool) -> dict:
     config, overrides = ROWS[name]
     out = out_root / f"{name}-w{workers}"
     sets = overrides + extra + [f"executor.num_cpus={workers}", "executor.kind=ray"]
     if max_windows:
         sets.append(f"evaluation.max_windows={max_windows}")
-    cmd = [sys.executable, "-m", "compressor.cli", "prune", "--config", str(ROOT / "configs" / "prune" / config),
-           "--output", str(out), "--overwrite"] + [a for s in sets for a in ("--set", s)]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    if reuse and (out / "report.json").is_file():
+        print(f"reusing the finished run {out}", flush=True)
+        cmd = None
+    else:
+        cmd = [sys.executable, "-m", "compressor.cli", "prune", "--config", str(ROOT / "configs" / "prune" / config),
+               "--output", str(out), "--overwrite"] + [a for s in sets for a in ("--set", s)]
+    if cmd:
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
     report = json.loads((out / "report.json").read_text())
     ppl = report.get("perplexity") or {}
     return {
@@ -66,10 +71,11 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=None, help="quick variant: first N evaluation windows")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-oneshot"))
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "oneshot.json"))
+    ap.add_argument("--reuse", action="store_true", help="reuse rows whose run folder already holds a finished run")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra config override for every row")
     args = ap.parse_args()
 
-    results = [run_row(r, Path(args.out), args.max_windows, w, args.extra) for r in args.rows for w in args.workers]
+    results = [run_row(r, Path(args.out), args.max_windows, w, args.extra, args.reuse) for r in args.rows for w in args.workers]
     for res in results:
         ref = REFERENCE.get(res["row"])
         if ref and res["perplexity"] and not res["eval_note"]:

@@ -1,0 +1,119 @@
+"""MaskLLM 2:4 on SmolLM2-135M (../shared/BENCHMARK.md data): perplexity of the hard mask against
+training tokens, tokens/s, step time against a plain forward+backward of the frozen dense model, memory.
+
+    python bench/maskllm.py --prior-run runs/bench-oneshot/sparsegpt-w2 --steps 150
+Rows: learned from the SparseGPT prior (a `compressor prune` run folder), and from no prior.
+Prints a table, writes bench/results/maskllm.json and bench/results/maskllm_ppl.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "learn" / "smollm2_wikitext.yaml"
+
+
+def plain_step_seconds(seq_len: int, batch: int, repeats: int = 3) -> float:
+    """Median seconds of forward + backward of the dense model with frozen weights (gradients reach
+    only the input embeddings), the yardstick for the masked step."""
+    import torch
+
+    from compressor.models import load_model
+
+    model = load_model("smollm2-135m").model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, labels=ids).loss.backward()
+        times.append(time.perf_counter() - start)
+    times = sorted(times[1:])
+    return times[len(times) // 2]
+
+
+def run_row(name: str, out: Path, sets: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "compressor.cli", "learn", "--config", str(CONFIG), "--output", str(out), "--overwrite"]
+    cmd += [a for s in sets for a in ("--set", s)]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    return json.loads((out / "report.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prior-run", required=True, help="a `compressor prune --config configs/prune/sparsegpt.yaml` run")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-windows", type=int, default=32, help="quick variant of the perplexity (first N windows)")
+    ap.add_argument("--rows", nargs="+", default=["sparsegpt-prior", "no-prior"])
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench-maskllm"))
+    args = ap.parse_args()
+
+    common = [f"train.steps={args.steps}", f"train.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}",
+              f"train.eval_every={args.eval_every}", f"train.checkpoint_every={args.eval_every}",
+              f"evaluation.max_windows={args.eval_windows}"]
+    priors = {"sparsegpt-prior": [f"prior.kind=file", f"prior.path={args.prior_run}"], "no-prior": ["prior.kind=none"]}
+    prior_report = json.loads((Path(args.prior_run) / "report.json").read_text())
+    results = {}
+    for row in args.rows:
+        report = run_row(row, Path(args.out) / row, common + priors[row])
+        logs = report["history"]["logs"]
+        steady = logs[1:] or logs  # the first window includes warm-up
+        results[row] = {
+            "evals": report["history"]["evals"],
+            "final_perplexity": report["perplexity"],
+            "tokens_per_second": sum(r["tokens_per_second"] for r in steady) / len(steady),
+            "seconds_per_step": sum(r["seconds_per_step"] for r in steady) / len(steady),
+            "train_seconds": report["timing"].get("train"),
+            "tokens": logs[-1]["tokens"],
+            "peak_rss_gib": round(report["memory"]["peak_rss_bytes"] / 2**30, 3),
+            "memory_per_masked_weight": report["memory_per_masked_weight"],
+        }
+    plain = plain_step_seconds(args.seq_len, args.micro_batch)
+    for r in results.values():
+        r["step_time_vs_plain_fwd_bwd"] = round(r["seconds_per_step"] / plain, 3)
+
+    # the prior's and the dense model's perplexity on the same quick-variant windows
+    from compressor.config.base import validate_config
+    from compressor.runs.evaluate import EvalRunConfig, run_eval
+
+    def quick_ppl(source: str) -> float:
+        cfg = validate_config(EvalRunConfig, {"model": {"source": source}, "evaluation": {
+            "data": {"source": "../shared/data/wikitext-2/wiki.test.raw"}, "max_windows": args.eval_windows}})
+        return run_eval(cfg)["perplexity"]["perplexity"]
+
+    dense, prior = quick_ppl("smollm2-135m"), quick_ppl(str(Path(args.prior_run) / "model"))
+    print(f"\nquick variant: first {args.eval_windows} windows of wiki.test.raw; dense {dense:.2f}, "
+          f"SparseGPT prior (weights updated) {prior:.2f}; plain fwd+bwd {plain:.2f} s/step")
+    print(f"{'row':16s} {'tokens':>8s} {'ppl':>9s} {'gap closed':>10s} {'tok/s':>7s} {'step/plain':>10s} {'RSS GiB':>7s}")
+    for row, r in results.items():
+        ppl = r["final_perplexity"]["perplexity"]
+        r["gap_closed_vs_sparsegpt"] = round((prior - ppl) / (prior - dense), 4)
+        print(f"{row:16s} {r['tokens']:8d} {ppl:9.2f} {r['gap_closed_vs_sparsegpt']:10.3f} {r['tokens_per_second']:7.1f} "
+              f"{r['step_time_vs_plain_fwd_bwd']:10.2f} {r['peak_rss_gib']:7.2f}")
+    from compressor.reporting.plots import plot_lines
+
+    series = {row: [(e["tokens"], e["perplexity"]) for e in r["evals"]] for row, r in results.items()}
+    series["dense"] = [(0, dense), (max(r["tokens"] for r in results.values()), dense)]
+    plot_lines(series, ROOT / "bench" / "results" / "maskllm_ppl.png", "MaskLLM 2:4 on SmolLM2-135M",
+               "training tokens", f"perplexity (first {args.eval_windows} windows)", logy=True)
+    out = {"protocol": "../shared/BENCHMARK.md (quick-variant perplexity)", "dense_perplexity": dense,
+           "sparsegpt_prior_perplexity": prior, "plain_fwd_bwd_seconds": plain, "rows": results,
+           "prior_run": args.prior_run, "prior_report_perplexity": prior_report.get("perplexity")}
+    (ROOT / "bench" / "results" / "maskllm.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
