@@ -8,8 +8,8 @@ from torch import nn
 from compressor.errors import NonFiniteError
 
 
-def assert_finite_weights(model: nn.Module) -> None:
-    for name, param in model.named_parameters():
+def assert_finite_weights(model: nn.Module, prefix: str = "") -> None:
+    for name, param in model.named_parameters(prefix=prefix):
         if param.device.type == "meta":
             continue
         if not torch.isfinite(param).all():

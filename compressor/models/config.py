@@ -17,3 +17,5 @@ class ModelConfig(StrictModel):
     dtype: DType = "float32"
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    # Keep weights on the meta device and read one decoder block at a time (models larger than memory).
+    lazy: bool = False

@@ -101,7 +101,13 @@ def prune_sequential(
     store: BlockStore = BlockStore(None),
     timer: Optional[PhaseTimer] = None,
     on_block_done: Optional[Callable[[int], None]] = None,
+    on_block_start: Optional[Callable[[int], None]] = None,
 ) -> OneShotOutcome:
+    """Prune every target linear of ``model`` block by block (see the module docstring).
+
+    ``on_block_start`` / ``on_block_done`` let a caller load a block's weights just in time and write
+    and release them afterwards, so a model larger than memory can be walked.
+    """
     timer = timer or PhaseTimer()
     targets = prunable_linears(model, arch, plan.targets, plan.ignore)
     if not targets:
@@ -122,6 +128,8 @@ def prune_sequential(
     reports: list[LayerReport] = []
     resumed = 0
     for k in tqdm(range(len(blocks)), desc=f"{plan.method} {plan.sparsity}", unit="block"):
+        if on_block_start is not None:
+            on_block_start(k)
         block, block_targets = blocks[k], per_block.get(k, [])
         groups = [g for g in arch.input_groups if any(t.group == g.name for t in block_targets)]
         dense_stats: dict[str, InputStats] = {}
@@ -150,11 +158,11 @@ def prune_sequential(
         if pruned_in is not None:
             with timer.phase("calibrate"):
                 pruned_in = run_block(block, pruned_in)
+        if isinstance(plan.sparsity, NM):
+            for t in block_targets:
+                assert_nm(block.get_submodule(t.rel).weight, plan.sparsity, t.name)
         if on_block_done is not None:
             on_block_done(k)
-    if isinstance(plan.sparsity, NM):
-        for t in targets:
-            assert_nm(model.get_submodule(t.name).weight, plan.sparsity, t.name)
     return OneShotOutcome(masks, reports, timer, resumed)
 
 

@@ -19,6 +19,8 @@ from compressor.methods.registry import (
 )
 from compressor.models.checks import assert_finite_weights
 from compressor.models.config import ModelConfig
+from compressor.models.layers import block_prefix, decoder_blocks
+from compressor.models.loading import DTYPES
 from compressor.pipelines.block_store import BlockStore
 from compressor.pipelines.sequential import OneShotPlan, prune_sequential
 from compressor.reporting.markdown import prune_report_markdown
@@ -54,6 +56,44 @@ class PruneConfig(StrictModel):
         return getattr(self, self.method)
 
 
+class LazyWalk:
+    """Weights read one decoder block at a time, written to the output as soon as the block is done."""
+
+    def __init__(self, loaded, model_dir: Path, dtype: torch.dtype) -> None:
+        from compressor.checkpoints.streaming import StreamingHFWriter
+        from compressor.models.lazy import WeightStore, materialize_outer
+
+        self.loaded, self.dtype = loaded, dtype
+        self.store = WeightStore(loaded.folder)
+        materialize_outer(loaded.model, loaded.arch, self.store, dtype)
+        self.writer = StreamingHFWriter(model_dir)
+
+    def _block(self, k: int):
+        return decoder_blocks(self.loaded.model, self.loaded.arch)[k], block_prefix(self.loaded.arch, k)
+
+    def load_block(self, k: int) -> None:
+        from compressor.models.lazy import materialize
+
+        block, prefix = self._block(k)
+        materialize(block, prefix, self.store, self.dtype)
+        assert_finite_weights(block, prefix)
+
+    def save_block(self, k: int) -> None:
+        from compressor.models.lazy import release
+
+        block, prefix = self._block(k)
+        self.writer.write(f"block-{k:05d}", {f"{prefix}.{n}": t for n, t in block.state_dict().items()})
+        release(block)
+
+    def finish(self) -> None:
+        model, arch = self.loaded.model, self.loaded.arch
+        outer = {n: t for n, t in model.state_dict().items() if not n.startswith(f"{arch.blocks}.")}
+        if getattr(model.config, "tie_word_embeddings", False):
+            outer.pop(f"{arch.lm_head}.weight", None)
+        self.writer.write("outer", outer)
+        self.writer.finish(model.config, self.loaded.tokenizer, getattr(model, "generation_config", None), replace=True)
+
+
 def run_prune(cfg: PruneConfig, output: str | Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     from compressor.data import calibration_windows, load_token_ids
     from compressor.models import load_model
@@ -62,7 +102,8 @@ def run_prune(cfg: PruneConfig, output: str | Path, overwrite: bool = False, res
     save_or_check_config(out, cfg, resuming=resume)
     timer = PhaseTimer()
     with timer.phase("load"):
-        loaded = load_model(cfg.model)
+        loaded = load_model(cfg.model, empty=cfg.model.lazy)
+        lazy = LazyWalk(loaded, out / "model", DTYPES[cfg.model.dtype]) if cfg.model.lazy else None
         assert_finite_weights(loaded.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     report: dict[str, Any] = {
@@ -74,7 +115,10 @@ def run_prune(cfg: PruneConfig, output: str | Path, overwrite: bool = False, res
     }
 
     eval_windows = note = None
-    if cfg.evaluation.enabled:
+    if cfg.evaluation.enabled and lazy is not None:
+        log.info("model.lazy: perplexity is skipped (the model is never whole in memory); "
+                 "run `compressor eval` on the output where it fits")
+    elif cfg.evaluation.enabled:
         with timer.phase("data"):
             eval_windows, note = eval_windows_for(cfg.evaluation, tokenizer)
         if cfg.evaluation.dense_baseline:
@@ -93,7 +137,9 @@ def run_prune(cfg: PruneConfig, output: str | Path, overwrite: bool = False, res
                        tuple(cfg.ignore), cfg.calibration.batch_size, cfg.layer_error)
     work = out / ".work" / "blocks"
     with make_executor(cfg.executor) as executor:
-        outcome = prune_sequential(model, loaded.arch, windows, plan, executor, BlockStore(work), timer)
+        outcome = prune_sequential(model, loaded.arch, windows, plan, executor, BlockStore(work), timer,
+                                   on_block_start=lazy.load_block if lazy else None,
+                                   on_block_done=lazy.save_block if lazy else None)
     if outcome.resumed_blocks:
         log.info("resumed: %d finished blocks loaded from %s", outcome.resumed_blocks, work)
 
@@ -112,7 +158,9 @@ def run_prune(cfg: PruneConfig, output: str | Path, overwrite: bool = False, res
 
     with timer.phase("save"):
         save_masks(out / "masks.safetensors", outcome.masks, str(cfg.sparsity))
-        if cfg.save_model:
+        if lazy is not None:
+            lazy.finish()
+        elif cfg.save_model:
             with atomic_dir(out / "model", replace=True) as tmp:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)

@@ -106,3 +106,17 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_llama_dir, text_file, problem
         "indivisible": "divisible", "missing_data": "none.txt",
     }[problem]
     assert expected in err.replace("\n", " ").replace("  ", " ") or expected in err, err
+
+
+def test_lazy_walk_gives_the_same_model_as_eager(tmp_path, tiny_llama_dir, text_file):
+    eager, lazy = tmp_path / "eager", tmp_path / "lazy"
+    cfg = _config(tmp_path, text_file, model=tiny_llama_dir)
+    assert main(["prune", "--config", str(cfg), "--output", str(eager), "--set", "evaluation.enabled=false"]) == 0
+    assert main(["prune", "--config", str(cfg), "--output", str(lazy), "--set", "model.lazy=true"]) == 0
+    a = load_model(str(eager / "model")).model.state_dict()
+    b = load_model(str(lazy / "model")).model.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert "perplexity" not in json.loads((lazy / "report.json").read_text())
+    assert json.loads((lazy / "model" / "model.safetensors.index.json").read_text())["weight_map"]
