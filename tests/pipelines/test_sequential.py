@@ -5,7 +5,7 @@ import torch
 
 from compressor.execution.base import ExecutorConfig, InProcessExecutor, make_executor
 from compressor.methods.objective import reconstruction_error
-from compressor.methods.registry import MagnitudeOptions, WandaOptions
+from compressor.methods.registry import MagnitudeOptions, SparseGPTOptions, SparseSwapsOptions, WandaOptions
 from compressor.methods.wanda import wanda_mask
 from compressor.models import load_model
 from compressor.models.layers import prunable_linears
@@ -100,7 +100,8 @@ def test_resume_after_a_crash_gives_the_identical_result(tiny_llama_dir, tmp_pat
 
 @pytest.mark.ray
 def test_ray_and_in_process_executors_give_identical_masks(tiny_llama_dir):
-    plan = OneShotPlan("wanda", NM(2, 4), WandaOptions(), batch_size=4, layer_error=False)
+    plan = OneShotPlan("sparseswaps", NM(2, 4), SparseSwapsOptions(warm_start="sparsegpt"), SparseGPTOptions(),
+                       batch_size=4, layer_error=False)
     local = load_model(str(tiny_llama_dir))
     a = prune_sequential(local.model, local.arch, WINDOWS, plan, InProcessExecutor())
     remote = load_model(str(tiny_llama_dir))
@@ -109,3 +110,5 @@ def test_ray_and_in_process_executors_give_identical_masks(tiny_llama_dir):
     assert a.masks.keys() == b.masks.keys()
     for name in a.masks:
         assert torch.equal(a.masks[name], b.masks[name]), name
+    for name, p in local.model.named_parameters():
+        assert torch.equal(p, remote.model.get_parameter(name)), name

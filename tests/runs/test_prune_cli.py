@@ -120,3 +120,21 @@ def test_lazy_walk_gives_the_same_model_as_eager(tmp_path, tiny_llama_dir, text_
         assert torch.equal(a[name], b[name]), name
     assert "perplexity" not in json.loads((lazy / "report.json").read_text())
     assert json.loads((lazy / "model" / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "sparseswaps"])
+def test_sparsegpt_and_sparseswaps_runs_report_their_errors(tmp_path, tiny_llama_dir, text_file, method):
+    out = tmp_path / method
+    cfg = _config(tmp_path, text_file, model=tiny_llama_dir, method=method)
+    assert main(["prune", "--config", str(cfg), "--output", str(out), "--set", "evaluation.enabled=false",
+                 "--set", "sparseswaps.warm_start=wanda"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["density"] == 0.5
+    if method == "sparseswaps":
+        block0 = [r for r in report["layers"] if r["block"] == 0]
+        # block 0 sees the same inputs in the dense and the pruned stream: refinement can only help
+        assert all(r["error"] <= r["warm_start_error"] + 1e-12 for r in block0)
+        assert sum(r["extra"]["swaps"] for r in report["layers"]) > 0
+        assert report["summary"]["mean_warm_start_error"] is not None
+    else:
+        assert report["summary"]["mean_warm_start_error"] is None
