@@ -1,8 +1,10 @@
 """Token ids and fixed-length windows, exactly as ../shared/BENCHMARK.md prescribes.
 
-A single text file is tokenized once as one string without special tokens; other sources are
-tokenized per document and joined with the EOS token. Token ids are cached on disk (keyed by the
-file's size and mtime, the source options and the tokenizer), so repeated runs skip tokenization.
+A source that is one text file is tokenized once as one string without special tokens (the
+benchmark protocol); other sources are tokenized per document, each document followed by the EOS
+token (a text file inside a folder is one document). Token ids are cached on disk under
+``$COMPRESSOR_CACHE/tokens`` (default ``~/.cache/compressor/tokens``), keyed by the files' contents,
+the source options and the tokenizer, so that repeated runs skip tokenization.
 """
 
 from __future__ import annotations
@@ -10,19 +12,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 
+from compressor.data.builtin import BUILTIN
 from compressor.data.config import DatasetConfig
-from compressor.data.sources import file_format, iter_documents, read_text_chunks
+from compressor.data.sources import file_format, iter_documents, read_jsonl, read_parquet, read_text_chunks, source_files
 from compressor.errors import DataError
 from compressor.utils.fs import atomic_torch_save
 from compressor.utils.logging import get_logger
 
 log = get_logger(__name__)
-WHOLE_FILE_LIMIT = 256 << 20  # larger text files are tokenized chunk by chunk
+WHOLE_FILE_LIMIT = 256 << 20  # larger text files are tokenized piece by piece (see _text_file_ids)
+HASH_WHOLE_LIMIT = 64 << 20  # larger files are fingerprinted by size, mtime and their first/last MiB
+FLUSH_TOKENS = 1 << 20  # Python ints are moved into int32 tensors this often, to bound memory
 
 
 def cache_dir() -> Path:
@@ -31,18 +37,41 @@ def cache_dir() -> Path:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides the token ids: vocabulary, merges, normalizer, EOS."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items())) + type(tokenizer).__name__
+    text += f"|eos={tokenizer.eos_token_id}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _file_fingerprint(path: Path) -> list:
+    stat = path.stat()
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        if stat.st_size <= HASH_WHOLE_LIMIT:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+            return [str(path.resolve()), stat.st_size, h.hexdigest()]
+        h.update(fh.read(1 << 20))
+        fh.seek(-(1 << 20), os.SEEK_END)
+        h.update(fh.read())
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns, h.hexdigest()]
+
+
 def _cache_key(cfg: DatasetConfig, tokenizer, max_tokens: Optional[int]) -> Optional[str]:
-    path = Path(cfg.source).expanduser()
-    if not path.exists():
-        return None  # builtin and hf sources are cheap or remote: not cached
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    key = json.dumps([stamp, cfg.model_dump(mode="json"), max_tokens, tokenizer_fingerprint(tokenizer)])
+    if cfg.source.startswith("hf:"):
+        return None  # a remote dataset cannot be fingerprinted cheaply: not cached
+    if cfg.source.startswith("builtin:"):
+        if cfg.source not in BUILTIN:
+            return None  # iter_documents raises the error
+        docs = BUILTIN[cfg.source](cfg.split or "train")
+        content: object = [sys.version, hashlib.blake2b("\0".join(docs).encode(), digest_size=16).hexdigest()]
+    else:
+        content = [_file_fingerprint(p) for p in source_files(cfg)]
+    key = json.dumps([content, cfg.model_dump(mode="json"), max_tokens, tokenizer_fingerprint(tokenizer)])
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
@@ -50,29 +79,71 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _tokenize(cfg: DatasetConfig, tokenizer, max_tokens: Optional[int]) -> torch.Tensor:
+def _text_file_ids(path: Path, tokenizer, chunk_bytes: int) -> Iterator[list[int]]:
+    if path.stat().st_size <= WHOLE_FILE_LIMIT:
+        try:
+            text = path.read_text(encoding="utf-8")  # universal newlines, as the protocol's counts assume
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text ({exc.reason}); convert it to UTF-8") from None
+        yield _encode(tokenizer, text)
+        return
+    # Too big for one string: pieces end at line ends, where BPE merges rarely cross.
+    log.info("%s is larger than %d MiB: tokenizing it piece by piece", path, WHOLE_FILE_LIMIT >> 20)
+    for chunk in read_text_chunks(path, chunk_bytes):
+        yield _encode(tokenizer, chunk)
+
+
+def _pieces(cfg: DatasetConfig, tokenizer) -> Iterator[list[int]]:
+    """Lists of token ids whose concatenation is the source's token stream."""
     path = Path(cfg.source).expanduser()
     if path.is_file() and file_format(path, cfg.format) == "text":
-        if path.stat().st_size <= WHOLE_FILE_LIMIT:
-            ids = _encode(tokenizer, path.read_text(encoding="utf-8", errors="replace"))
-        else:
-            ids = [t for chunk in read_text_chunks(path) for t in _encode(tokenizer, chunk)]
-        return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+        yield from _text_file_ids(path, tokenizer, cfg.chunk_bytes)
+        return
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise DataError("the tokenizer has no EOS token to join documents with")
-    ids: list[int] = []
+        raise DataError("the tokenizer has no EOS token to separate documents with; give a single text file "
+                        "or a tokenizer with an EOS token")
+    if path.is_dir():
+        for file in source_files(cfg):
+            fmt = file_format(file, cfg.format)
+            if fmt == "text":
+                yield from _text_file_ids(file, tokenizer, cfg.chunk_bytes)
+                yield [eos]
+                continue
+            reader = read_jsonl(file, cfg.text_field) if fmt == "jsonl" else read_parquet(file, cfg.text_field)
+            for doc in reader:
+                if doc:
+                    yield _encode(tokenizer, doc) + [eos]
+        return
     for doc in iter_documents(cfg):
-        ids += _encode(tokenizer, doc) + [eos]
-        if max_tokens and len(ids) >= max_tokens:
-            return torch.tensor(ids[:max_tokens], dtype=torch.long)
-    return torch.tensor(ids, dtype=torch.long)
+        if doc:
+            yield _encode(tokenizer, doc) + [eos]
+
+
+def _tokenize(cfg: DatasetConfig, tokenizer, max_tokens: Optional[int]) -> torch.Tensor:
+    parts: list[torch.Tensor] = []
+    pending: list[int] = []
+    total = 0
+    for ids in _pieces(cfg, tokenizer):
+        pending += ids
+        total += len(ids)
+        if len(pending) >= FLUSH_TOKENS:
+            parts.append(torch.tensor(pending, dtype=torch.int32))
+            pending = []
+        if max_tokens and total >= max_tokens:
+            break
+    parts.append(torch.tensor(pending, dtype=torch.int32))
+    ids = torch.cat(parts)
+    return ids[:max_tokens] if max_tokens else ids
 
 
 def load_token_ids(
     cfg: Union[DatasetConfig, str, Path], tokenizer, *, max_tokens: Optional[int] = None
 ) -> torch.Tensor:
-    """All token ids of a (modest) source as one 1-D LongTensor, cached on disk."""
+    """All token ids of a source (at most ``max_tokens``, else ``cfg.max_tokens``) as a 1-D LongTensor.
+
+    The result is cached on disk; the second call with the same files, options and tokenizer reads it.
+    """
     if not isinstance(cfg, DatasetConfig):
         cfg = DatasetConfig(source=str(cfg))
     max_tokens = max_tokens or cfg.max_tokens
@@ -80,41 +151,45 @@ def load_token_ids(
     cached = cache_dir() / f"{key}.pt" if key else None
     if cached is not None and cached.is_file():
         try:
-            return torch.load(cached).long()
-        except Exception:  # a damaged cache entry is rebuilt
-            log.warning("ignoring unreadable token cache %s", cached)
+            ids = torch.load(cached, weights_only=True)
+            if isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point():
+                log.debug("token ids of %s from the cache %s", cfg.source, cached)
+                return ids.long()
+        except Exception:
+            pass
+        log.warning("ignoring the unreadable token cache %s; tokenizing again", cached)
     ids = _tokenize(cfg, tokenizer, max_tokens)
     if ids.numel() == 0:
-        raise DataError(f"data source {cfg.source!r} yields no tokens")
+        raise DataError(f"data source {cfg.source!r} yields no tokens; it holds no text")
     if cached is not None:
-        dtype = torch.int32 if ids.max() < 2**31 else torch.long
-        atomic_torch_save(ids.to(dtype), cached)
-    return ids
+        atomic_torch_save(ids, cached)  # int32: half the space of int64, and every vocabulary fits
+    return ids.long()
 
 
-def _check_length(n: int, length: int, need: int, what: str) -> None:
+def _need(n: int, need: int, length: int, what: str) -> None:
     if n < need:
-        raise DataError(f"{what}: {n} tokens are too few for windows of {length}; use a larger text or a shorter seq_len")
+        raise DataError(f"{what}: {n} tokens are too few for a window of {length} (need at least {need}); "
+                        "use a longer text or a shorter seq_len")
 
 
 def calibration_windows(token_ids: torch.Tensor, num_windows: int = 128, length: int = 512, seed: int = 0) -> torch.Tensor:
-    """(num_windows, length) windows at random starts: one ``torch.randint(0, n - length - 1, (1,))`` each
-    from a generator seeded with ``seed`` (BENCHMARK.md)."""
+    """(num_windows, length) windows at random starts, drawn exactly as BENCHMARK.md says: a generator
+    seeded with ``seed``, one ``torch.randint(0, n - length - 1, (1,))`` per window, in order."""
+    if num_windows < 1 or length < 1:
+        raise ValueError(f"num_windows and length must be positive, got {num_windows} and {length}")
     n = token_ids.numel()
-    _check_length(n, length, length + 2, "calibration data")
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(num_windows):
-        start = int(torch.randint(0, n - length - 1, (1,), generator=g))
-        rows.append(token_ids[start : start + length])
-    return torch.stack(rows).long()
+    _need(n, length + 2, length, "calibration data")  # randint needs high = n - length - 1 >= 1
+    g = torch.Generator()
+    g.manual_seed(seed)
+    starts = [int(torch.randint(0, n - length - 1, (1,), generator=g)) for _ in range(num_windows)]
+    return torch.stack([token_ids[s : s + length] for s in starts]).long()  # (num_windows, length)
 
 
 def eval_windows(token_ids: torch.Tensor, length: int = 512, limit: Optional[int] = None) -> torch.Tensor:
-    """Non-overlapping (W, length) windows from the start; the remainder is dropped."""
+    """(W, length) non-overlapping windows from the start, the remainder dropped; the first ``limit``."""
+    if length < 1 or (limit is not None and limit < 1):
+        raise ValueError(f"length and limit must be positive, got {length} and {limit}")
     n = token_ids.numel()
-    _check_length(n, length, length, "evaluation data")
-    count = n // length
-    if limit is not None:
-        count = min(count, limit)
-    return token_ids[: count * length].reshape(count, length).long()
+    _need(n, length, length, "evaluation data")
+    count = n // length if limit is None else min(n // length, limit)
+    return token_ids[: count * length].reshape(count, length).long()  # (W, length)
