@@ -19,6 +19,6 @@ class DatasetConfig(StrictModel):
     split: Optional[str] = None  # builtin: train | eval (default train); hf: a split name (default train)
     hf_config: Optional[str] = None  # hf: the dataset's configuration name, e.g. wikitext-2-raw-v1
     max_tokens: Optional[PositiveInt] = None  # stop reading after this many tokens
-    # Text files are streamed as documents of about this many characters, cut at a line end. Smaller
-    # values split one file into more documents, which spreads it more evenly over data-parallel ranks.
+    # Text files are streamed as documents of at most about this many characters, cut at line ends;
+    # a file is cut into at least ~64 documents (of >= 4 KiB) so that data-parallel ranks all get text.
     chunk_bytes: PositiveInt = 1 << 20

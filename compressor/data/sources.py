@@ -1,7 +1,8 @@
 """Documents from a source, as a stream: memory stays bounded whatever the corpus size.
 
-A *document* is one record of the source: a piece of about ``chunk_bytes`` characters of a text
-file (cut at a line end), one JSONL line, one Parquet row, one builtin topic, one ``hf:`` row.
+A *document* is one record of the source: a piece of a text file cut at a line end (at most about
+``chunk_bytes`` characters, see ``text_piece_size``), one JSONL line, one Parquet row, one builtin
+topic, one ``hf:`` row.
 Document ``i`` of the source goes to data-parallel rank ``i % world_size``; ``start`` skips a rank's
 first documents, cheaply where the format allows (Parquet row groups and files from metadata).
 Readers are generators that yield the documents after the first ``skip`` and *return* the number
@@ -22,6 +23,10 @@ TEXT_SUFFIXES = {".txt", ".raw", ".tokens", ".text", ".md"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 CHUNK_BYTES = 1 << 20
+# A text file is cut into at least this many documents (of at least TEXT_MIN_PIECE characters),
+# so that data-parallel ranks each get a share of a modest file.
+TEXT_MIN_DOCS = 64
+TEXT_MIN_PIECE = 4096
 JSON_BLOCK_BYTES = 1 << 20  # pyarrow parses JSONL in blocks of this size
 PARQUET_BATCH_ROWS = 1024  # rows converted to Python at a time, within one row group
 
@@ -47,7 +52,8 @@ def source_files(cfg: DatasetConfig) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
+        hidden = lambda p: any(part.startswith(".") for part in p.relative_to(path).parts)  # noqa: E731
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not hidden(p))
         if cfg.format == "auto":
             known = TEXT_SUFFIXES | JSONL_SUFFIXES | PARQUET_SUFFIXES
             files = [p for p in files if p.suffix.lower() in known]
@@ -79,9 +85,15 @@ def read_text_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str
                         "convert it to UTF-8") from None
 
 
+def text_piece_size(file_bytes: int, chunk_bytes: int) -> int:
+    """Characters per document of a text file: at most ``chunk_bytes``, and small enough for the file
+    to make about ``TEXT_MIN_DOCS`` documents unless that would make them shorter than ``TEXT_MIN_PIECE``."""
+    return min(chunk_bytes, max(TEXT_MIN_PIECE, -(-file_bytes // TEXT_MIN_DOCS)))
+
+
 def _text_records(path: Path, chunk_bytes: int, skip: int) -> Records:
     count = 0
-    for chunk in read_text_chunks(path, chunk_bytes):
+    for chunk in read_text_chunks(path, text_piece_size(path.stat().st_size, chunk_bytes)):
         if count >= skip:
             yield chunk
         count += 1

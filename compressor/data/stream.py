@@ -111,6 +111,8 @@ class WindowStream:
         return window
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
         return torch.stack([next(self) for _ in range(batch_size)])  # (B, seq_len)
 
     # -- exact resume ---------------------------------------------------------------------------

@@ -20,13 +20,17 @@ import torch
 
 from compressor.data.builtin import BUILTIN
 from compressor.data.config import DatasetConfig
-from compressor.data.sources import file_format, iter_documents, read_jsonl, read_parquet, read_text_chunks, source_files
+from compressor.data.sources import (
+    file_format, iter_documents, read_jsonl, read_parquet, read_text_chunks, source_files,
+)
 from compressor.errors import DataError
 from compressor.utils.fs import atomic_torch_save
 from compressor.utils.logging import get_logger
 
 log = get_logger(__name__)
-WHOLE_FILE_LIMIT = 256 << 20  # larger text files are tokenized piece by piece (see _text_file_ids)
+# Larger text files are tokenized piece by piece: one string of N characters costs about 40 N bytes
+# of Python lists and tokenizer encodings at its peak.
+WHOLE_FILE_LIMIT = 32 << 20
 HASH_WHOLE_LIMIT = 64 << 20  # larger files are fingerprinted by size, mtime and their first/last MiB
 FLUSH_TOKENS = 1 << 20  # Python ints are moved into int32 tensors this often, to bound memory
 
@@ -172,7 +176,9 @@ def _need(n: int, need: int, length: int, what: str) -> None:
                         "use a longer text or a shorter seq_len")
 
 
-def calibration_windows(token_ids: torch.Tensor, num_windows: int = 128, length: int = 512, seed: int = 0) -> torch.Tensor:
+def calibration_windows(
+    token_ids: torch.Tensor, num_windows: int = 128, length: int = 512, seed: int = 0
+) -> torch.Tensor:
     """(num_windows, length) windows at random starts, drawn exactly as BENCHMARK.md says: a generator
     seeded with ``seed``, one ``torch.randint(0, n - length - 1, (1,))`` per window, in order."""
     if num_windows < 1 or length < 1:
