@@ -1,8 +1,9 @@
-"""Attach learnable masks to a model's linears, drive them, and bake them back into plain weights."""
+"""Attach learnable masks to a model's linears, drive them, measure them, and bake them back."""
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+import hashlib
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -13,75 +14,164 @@ from compressor.methods.maskllm.mask import DTYPES, NMMaskParametrization
 
 Masks = dict[str, NMMaskParametrization]
 
+# Optimizer state tensors per parameter, each the parameter's size and dtype (torch's defaults).
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd_momentum": 1, "sgd": 0}
 
-def attach_masks(model: nn.Module, names: list[str], cfg: MaskLLMConfig,
-                 priors: Optional[Mapping[str, torch.Tensor]] = None, seed: int = 0) -> Masks:
-    """Mask the ``weight`` of each named module (e.g. "model.layers.0.mlp.down_proj").
 
-    All model parameters are frozen; with ``cfg.train_weights`` the masked weights train too.
-    ``priors`` maps weight names ("...down_proj.weight") to bool masks that initialise the logits.
+def layer_seed(seed: int, name: str) -> int:
+    """A per-layer generator seed from the run seed and the layer name (independent of layer order)."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # non-negative int64
+
+
+def _prior_for(priors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    for key in (name, f"{name}.weight"):
+        if key in priors:
+            return priors[key]
+    sample = ", ".join(list(priors)[:3])
+    raise ValueError(f"no prior mask for layer {name} (priors are keyed by {name!r} or {name + '.weight'!r}; "
+                     f"given keys look like: {sample or 'none'})")
+
+
+def attach_masks(
+    model: nn.Module,
+    names: list[str],
+    cfg: MaskLLMConfig,
+    priors: Optional[Mapping[str, torch.Tensor]] = None,
+    seed: int = 0,
+) -> Masks:
+    """Mask the ``weight`` (out, in) of each named module, e.g. "model.layers.0.mlp.down_proj".
+
+    Every model parameter is frozen except the new logits; with ``cfg.train_weights`` the masked
+    weights train too. ``priors`` maps module (or "<module>.weight") names to (out, in) masks that
+    initialise the logits with ``cfg.prior_strength``. All layers are checked before any is changed.
+    Masks start in eval (hard) mode; ``mask_train(masks, True)`` or ``model.train()`` makes them soft.
     """
+    if not names:
+        raise ValueError("attach_masks: no layer names given; list the linears to mask")
+    if len(set(names)) != len(names):
+        raise ValueError(f"attach_masks: duplicate layer names in {names}")
+    masks: Masks = {}
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"attach_masks: the model has no module {name!r}") from None
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"attach_masks: {name} has no 2-D weight (out, in) to mask ({type(module).__name__})")
+        if parametrize.is_parametrized(module, "weight"):
+            raise ValueError(f"attach_masks: {name}.weight is already parametrized; call remove_masks(model) first")
+        mask = NMMaskParametrization(
+            weight.shape[0], weight.shape[1], cfg.sparsity, init_std=cfg.init_std, dtype=DTYPES[cfg.logits_dtype],
+            seed=layer_seed(seed, name), name=name, device=weight.device,
+        )
+        if priors is not None:
+            mask.init_from_prior(_prior_for(priors, name), cfg.prior_strength)
+        masks[name] = mask
     for p in model.parameters():
         p.requires_grad_(False)
-    masks: Masks = {}
-    for i, name in enumerate(names):
+    for name, mask in masks.items():
         module = model.get_submodule(name)
-        out_features, in_features = module.weight.shape
-        mask = NMMaskParametrization(out_features, in_features, cfg.sparsity, init_std=cfg.init_std,
-                                     dtype=DTYPES[cfg.logits_dtype], seed=seed * 100_003 + i, name=name)
-        if priors is not None:
-            mask.init_from_prior(priors[f"{name}.weight"], cfg.prior_strength)
-        parametrize.register_parametrization(module, "weight", mask)
+        parametrize.register_parametrization(module, "weight", mask)  # draws no noise
+        mask.train(False)  # registration copied the host's mode; start hard whatever the model's mode
         module.parametrizations.weight.original.requires_grad_(cfg.train_weights)
-        masks[name] = mask
     return masks
 
 
 def set_schedule_state(masks: Masks, tau: float, kappa: float) -> None:
+    """Temperature and logit scale of every mask's next samples."""
     for m in masks.values():
-        m.tau, m.kappa = tau, kappa
+        m.set_schedule(tau, kappa)
 
 
 def mask_train(masks: Masks, learning: bool) -> None:
     """Soft Gumbel-Softmax masks (learning) or argmax masks (evaluation, export)."""
     for m in masks.values():
-        m.hard = not learning
+        m.train(learning)
 
 
-def sparse_weight_regularizer(masks: Masks) -> torch.Tensor:
-    """Sum of ||W * mask||^2 over the masked layers, from the latest forward pass."""
-    terms = [m.last_masked.float().pow(2).sum() for m in masks.values() if m.last_masked is not None]
-    return torch.stack(terms).sum() if terms else torch.zeros(())
+def _collect(source: Union[nn.Module, Mapping[str, NMMaskParametrization]]) -> list[NMMaskParametrization]:
+    if isinstance(source, nn.Module):
+        return [m for m in source.modules() if isinstance(m, NMMaskParametrization)]
+    return list(source.values())
+
+
+def sparse_weight_regularizer(source: Union[nn.Module, Mapping[str, NMMaskParametrization]]) -> torch.Tensor:
+    """Sum over masked layers of ||W * mask||^2 (float32 scalar) for the masks of the latest forward pass.
+
+    The training loss subtracts ``lambda *`` this, rewarding masks that keep large weights.
+    """
+    masks = _collect(source)
+    if not masks:
+        raise ValueError("sparse_weight_regularizer: no learnable masks found")
+    terms = []
+    for m in masks:
+        if m.last_masked is None:
+            raise RuntimeError(
+                f"sparse_weight_regularizer: {m.name} has no soft-mask forward pass to regularise; "
+                "call mask_train(masks, True) and run the model forward first"
+            )
+        terms.append(m.last_masked.float().pow(2).sum())
+    return torch.stack(terms).sum()
 
 
 @torch.no_grad()
 def mask_stats(masks: Masks, prev_argmax: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, float]:
+    """Mean max-probability over all groups and, given earlier ``argmax_patterns()``, the flip rate.
+
+    ``flip_rate`` = fraction of groups whose argmax pattern changed since ``prev_argmax``.
+    """
     groups = changed = 0
-    max_prob = 0.0
+    weighted_prob = 0.0
     for name, m in masks.items():
         argmax = m.argmax_patterns()
-        n = argmax.numel()
-        groups += n
-        max_prob += float(m.max_prob()) * n
+        groups += argmax.numel()
+        weighted_prob += m.max_prob() * argmax.numel()
         if prev_argmax is not None:
-            changed += int((argmax != prev_argmax[name]).sum())
-    return {"max_prob": max_prob / max(groups, 1), "flip_rate": changed / max(groups, 1)}
+            changed += int((argmax != prev_argmax[name].to(argmax.device)).sum())
+    stats = {"max_prob": weighted_prob / max(groups, 1), "groups": float(groups)}
+    if prev_argmax is not None:
+        stats["flip_rate"] = changed / max(groups, 1)
+    return stats
 
 
-def mask_memory_bytes(masks: Masks) -> dict[str, float]:
-    """Bytes per masked weight: logits, their gradient, and AdamW's two moments."""
+def mask_memory_bytes(masks: Masks, optimizer: str = "adamw") -> dict[str, float]:
+    """Bytes per masked weight spent on learning: logits, their gradient and the optimizer's state.
+
+    Optimizer states are counted in the logits' dtype (torch keeps them like the parameter); the
+    transient soft mask of a forward pass is not included.
+    """
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZER_STATES)}")
     weights = sum(m.shape[0] * m.shape[1] for m in masks.values())
     logits = sum(m.logits.numel() * m.logits.element_size() for m in masks.values())
     per = logits / max(weights, 1)
-    return {"logits": per, "gradient": per, "adamw_state": 2 * per, "total": 4 * per, "masked_weights": weights}
+    state = OPTIMIZER_STATES[optimizer] * per
+    return {"logits": per, "gradient": per, "optimizer_state": state, "total": 2 * per + state,
+            "masked_weights": float(weights)}
 
 
 @torch.no_grad()
-def remove_masks(model: nn.Module, bake: bool = True) -> None:
-    """Remove every mask; with ``bake`` the weight becomes W * hard mask (a plain nn.Linear again)."""
-    for module in list(model.modules()):
-        if parametrize.is_parametrized(module, "weight"):
-            for p in module.parametrizations.weight:
-                if isinstance(p, NMMaskParametrization):
-                    p.hard = True
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=bake)
+def remove_masks(model: nn.Module, bake: bool = True) -> dict[str, torch.Tensor]:
+    """Remove every learnable mask and return the final hard masks {module name: (out, in) bool}.
+
+    ``bake=True``: each weight becomes the plain parameter W * hard mask (an nn.Linear is an nn.Linear
+    again); ``bake=False``: the dense W comes back unchanged. Parameters stay frozen.
+    """
+    removed: dict[str, torch.Tensor] = {}
+    for name, module in list(model.named_modules()):
+        if not parametrize.is_parametrized(module, "weight"):
+            continue
+        plist = module.parametrizations.weight
+        ours = [p for p in plist if isinstance(p, NMMaskParametrization)]
+        if not ours:
+            continue
+        if len(ours) != len(plist):
+            raise ValueError(f"remove_masks: {name}.weight has other parametrizations besides the mask; "
+                             "remove those first")
+        for p in ours:
+            p.train(False)  # bake the argmax pattern, never a random sample
+        removed[name] = ours[0].hard_mask()
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=bake)
+    return removed

@@ -1,8 +1,9 @@
-"""Gumbel-Softmax over N:M keep-patterns (pure tensor functions).
+"""Gumbel-Softmax over N:M keep-patterns (pure tensor functions, no modules).
 
-Each group of M weights owns logits over the C(M,N) patterns (rows of ``nm_patterns``). Training
-samples a soft choice, softmax((kappa * logits + Gumbel noise) / tau), and mixes the patterns with it;
-evaluation takes the argmax pattern.
+Each group of M consecutive input weights owns C = C(M, N) logits, one per keep-pattern (the rows of
+``compressor.sparsity.nm_patterns``). Learning draws a soft pattern choice,
+``softmax((kappa * logits + g) / tau)`` with Gumbel noise ``g``, and mixes the patterns with it;
+evaluation takes the argmax pattern. Shapes: logits (out, G, C) with G = in / M, patterns (C, M).
 """
 
 from __future__ import annotations
@@ -11,36 +12,77 @@ from typing import Optional
 
 import torch
 
-_EPS = 1e-10
+# torch.rand draws from [0, 1); some backends have returned 1.0, so U is clamped to the open interval.
+# Largest float32 below 1 and smallest normal float32: -log(-log(U)) stays within about [-4.5, 16.7].
+_U_MAX = 1.0 - 2.0**-24
+_U_MIN = torch.finfo(torch.float32).tiny
 
 
-def sample_gumbel(shape: torch.Size | tuple[int, ...], generator: Optional[torch.Generator] = None,
-                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard Gumbel noise -log(-log U), with U kept away from 0 and 1 (no log(0))."""
-    u = torch.rand(shape, generator=generator, dtype=dtype, device=device)
-    return -torch.log(-torch.log(u.clamp(_EPS, 1 - _EPS)))
+def sample_gumbel(
+    shape: torch.Size | tuple[int, ...],
+    generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Standard Gumbel(0, 1) noise ``-log(-log U)`` in float32, finite everywhere (U kept off 0 and 1).
+
+    The same generator state gives the same noise bit for bit, so a resumed run repeats its draws.
+    ``device`` defaults to the generator's device (CPU without a generator).
+    """
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    u = torch.rand(shape, generator=generator, dtype=torch.float32, device=device)
+    return -torch.log(-torch.log(u.clamp(_U_MIN, _U_MAX)))
 
 
-def gumbel_softmax_probs(logits: torch.Tensor, tau: float, kappa: float,
-                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """(..., C) pattern probabilities of one Gumbel-Softmax sample."""
-    noise = sample_gumbel(logits.shape, generator, torch.float32, logits.device)
-    return torch.softmax((kappa * logits.float() + noise) / tau, dim=-1)
+def gumbel_softmax_probs(
+    logits: torch.Tensor,
+    tau: float,
+    kappa: float,
+    generator: Optional[torch.Generator] = None,
+    hard: bool = False,
+) -> torch.Tensor:
+    """(..., C) logits -> (..., C) float32 probabilities of one Gumbel-Softmax sample of ``kappa * logits``.
+
+    ``hard=True`` returns the one-hot of the sampled pattern in the forward pass with the soft sample's
+    gradient (straight-through). Logits may be bfloat16; the arithmetic is float32.
+    """
+    if not tau > 0:
+        raise ValueError(f"Gumbel-Softmax temperature tau must be > 0, got {tau}")
+    noise = sample_gumbel(logits.shape, generator, logits.device)  # (..., C)
+    probs = torch.softmax((kappa * logits.float() + noise) / tau, dim=-1)  # (..., C)
+    if not hard:
+        return probs
+    index = probs.argmax(dim=-1, keepdim=True)  # (..., 1)
+    one_hot = torch.zeros_like(probs).scatter_(-1, index, 1.0)  # (..., C)
+    return one_hot - probs.detach() + probs
 
 
 def soft_mask(probs: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
-    """(out, G, C) probabilities x (C, M) patterns -> (out, G*M) soft mask."""
-    mask = probs @ patterns.to(probs.dtype)  # (out, G, M)
-    return mask.reshape(probs.shape[0], -1)  # (out, in)
+    """(out, G, C) pattern probabilities x (C, M) patterns -> (out, G * M) soft mask.
+
+    Each group's mask is the probability-weighted sum of its patterns, so it sums to N per group.
+    """
+    groups = probs @ patterns.to(probs.dtype)  # (out, G, M)
+    return groups.reshape(probs.shape[0], -1)  # (out, in)
 
 
 def hard_mask(logits: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
-    """(out, G, C) logits -> (out, G*M) bool mask of the argmax pattern."""
+    """(out, G, C) logits -> (out, G * M) bool mask of each group's argmax pattern (always valid N:M)."""
     chosen = patterns.bool()[logits.argmax(dim=-1)]  # (out, G, M)
-    return chosen.reshape(logits.shape[0], -1)
+    return chosen.reshape(logits.shape[0], -1)  # (out, in)
 
 
-def pattern_overlap(prior: torch.Tensor, patterns: torch.Tensor, m: int) -> torch.Tensor:
-    """(out, in) bool prior -> (out, G, C): how many kept positions each pattern shares with it."""
-    groups = prior.reshape(prior.shape[0], -1, m).to(patterns.dtype)  # (out, G, M)
-    return groups @ patterns.T  # (out, G, C)
+def pattern_overlap(mask: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
+    """(out, in) 0/1 mask -> (out, G, C) float: kept positions each pattern shares with the mask's group."""
+    m = patterns.shape[-1]
+    groups = mask.reshape(mask.shape[0], -1, m).float()  # (out, G, M)
+    return groups @ patterns.float().T  # (out, G, C)
+
+
+def prior_offsets(mask: torch.Tensor, patterns: torch.Tensor, n: int) -> torch.Tensor:
+    """(out, in) prior mask -> (out, G, C) logit offsets ``overlap - N/2``.
+
+    The prior's own pattern gets +N/2, patterns sharing nothing with it -N/2: scaled by a strength
+    and added to random logits, this makes the prior the likely argmax without fixing it.
+    """
+    return pattern_overlap(mask, patterns) - n / 2  # (out, G, C)

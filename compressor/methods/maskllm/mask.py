@@ -1,8 +1,16 @@
 """The learnable N:M mask as a parametrization of a module's ``weight`` (out, in).
 
-Registered with ``torch.nn.utils.parametrize``, it wraps nn.Linear and megatron-core's
-Column/RowParallelLinear alike: their forward reads ``self.weight`` and gets W * mask, so no layer
-math changes. Soft (Gumbel-Softmax) masks while learning, the argmax pattern otherwise.
+Registered with ``torch.nn.utils.parametrize.register_parametrization(module, "weight", mask)``, it
+wraps nn.Linear and megatron-core's Column/RowParallelLinear alike: their forward reads
+``self.weight`` and receives W * mask, so no layer math changes. (Tensor-parallel shards are masked
+locally, so a RowParallelLinear shard's input width must be divisible by M.)
+
+The module's own train/eval mode picks the mask: training -> a Gumbel-Softmax sample (soft),
+eval -> the argmax pattern (hard). ``model.train()``/``model.eval()`` reach it like any submodule;
+``register_parametrization`` copies the host module's mode (``attach_masks`` then sets eval).
+
+Not supported: activation checkpointing around masked layers. A recomputed forward draws new noise
+from ``generator``, so its mask would differ from the one the loss saw.
 """
 
 from __future__ import annotations
@@ -12,68 +20,132 @@ from typing import Optional
 import torch
 from torch import nn
 
-from compressor.errors import SparsityPatternError
-from compressor.methods.maskllm.gumbel import gumbel_softmax_probs, hard_mask, pattern_overlap, soft_mask
-from compressor.sparsity import NM, check_divisible, nm_patterns
+from compressor.errors import NonFiniteError, SparsityPatternError
+from compressor.methods.maskllm.config import check_pattern_count
+from compressor.methods.maskllm.gumbel import gumbel_softmax_probs, hard_mask, prior_offsets, soft_mask
+from compressor.sparsity import NM, assert_nm, check_divisible, nm_patterns
+from compressor.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class NMMaskParametrization(nn.Module):
-    def __init__(self, out_features: int, in_features: int, nm: NM, *, init_std: float = 0.01,
-                 dtype: torch.dtype = torch.float32, seed: int = 0, name: str = "layer") -> None:
-        super().__init__()
-        check_divisible(in_features, nm.m, name)
-        self.nm, self.name = nm, name
-        self.shape = (out_features, in_features)
-        patterns = nm_patterns(nm).float()  # (C, M)
-        self.register_buffer("patterns", patterns, persistent=False)
-        self.generator = torch.Generator().manual_seed(seed)
-        init = torch.randn(out_features, in_features // nm.m, patterns.shape[0], generator=self.generator) * init_std
-        self.logits = nn.Parameter(init.to(dtype))  # (out, G, C)
-        self.tau, self.kappa = 4.0, 100.0
-        self.hard = True  # argmax masks until the trainer switches to learning
-        self.last_masked: Optional[torch.Tensor] = None  # W * mask of the latest forward (regulariser)
+    """Logits (out, in / M, C(M, N)) over each group's keep-patterns; forward(W) = W * mask."""
 
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        nm: NM,
+        *,
+        init_std: float = 0.01,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        name: str = "layer",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_divisible(in_features, nm.m, f"{name} (learnable {nm} mask)")
+        check_pattern_count(nm)
+        if not init_std > 0:
+            raise ValueError(f"{name}: init_std must be > 0, got {init_std}")
+        self.nm, self.name, self.seed = nm, name, seed
+        self.shape = (out_features, in_features)
+        patterns = nm_patterns(nm, device).float()  # (C, M)
+        self.register_buffer("patterns", patterns, persistent=False)
+        self.generator = torch.Generator(device=patterns.device).manual_seed(seed)
+        init = torch.randn(  # (out, G, C)
+            out_features, in_features // nm.m, patterns.shape[0], generator=self.generator, device=patterns.device
+        )
+        self.logits = nn.Parameter((init * init_std).to(dtype))
+        self.tau, self.kappa = 4.0, 100.0
+        # W * mask of the latest training forward, kept for the sparse-weight regulariser.
+        self.last_masked: Optional[torch.Tensor] = None
+        self.train(False)  # hard masks until the trainer asks for learning
+
+    # -- forward --------------------------------------------------------------------------------
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.hard:
-            mask = hard_mask(self.logits, self.patterns).to(weight.dtype)
-        else:
-            probs = gumbel_softmax_probs(self.logits, self.tau, self.kappa, self.generator)  # (out, G, C)
-            mask = soft_mask(probs, self.patterns).to(weight.dtype)  # (out, in)
-        masked = weight * mask
-        self.last_masked = None if self.hard else masked
+        if tuple(weight.shape) != self.shape:
+            raise SparsityPatternError(
+                f"{self.name}: the mask was built for a weight of shape {self.shape}, got {tuple(weight.shape)}"
+            )
+        if not self.training:
+            return weight * hard_mask(self.logits, self.patterns).to(weight.dtype)
+        probs = gumbel_softmax_probs(self.logits, self.tau, self.kappa, self.generator)  # (out, G, C)
+        masked = weight * soft_mask(probs, self.patterns).to(weight.dtype)  # (out, in)
+        self.last_masked = masked
         return masked
+
+    def train(self, mode: bool = True) -> "NMMaskParametrization":
+        if not mode:
+            self.last_masked = None  # do not hold a weight-sized tensor while evaluating
+        return super().train(mode)
+
+    def set_schedule(self, tau: float, kappa: float) -> None:
+        """Temperature and logit scale of the next samples (the trainer sets them every step)."""
+        if not (tau > 0 and kappa > 0) or tau == float("inf") or kappa == float("inf"):
+            raise ValueError(f"{self.name}: tau and kappa must be finite and > 0, got tau={tau} kappa={kappa}")
+        self.tau, self.kappa = float(tau), float(kappa)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # model.to(device) moves the logits; the noise generator must live on the same device.
+        super()._apply(fn, recurse)
+        device = self.logits.device
+        if device.type != "meta" and self.generator.device != device:
+            log.debug("%s: mask noise generator re-seeded on %s", self.name, device)
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self
 
     # -- initialisation -------------------------------------------------------------------------
     def _check_shape(self, t: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
         if tuple(t.shape) != tuple(expected):
-            raise SparsityPatternError(f"{self.name}: {what} has shape {tuple(t.shape)}, expected {tuple(expected)}")
+            raise SparsityPatternError(
+                f"{self.name}: {what} has shape {tuple(t.shape)}, expected {tuple(expected)} for this layer"
+            )
 
     @torch.no_grad()
     def init_from_prior(self, prior: torch.Tensor, strength: float) -> None:
-        """Shift logits by strength * std(logits) * (overlap with the prior's group - N/2)."""
+        """Add ``strength * std(logits) * (overlap with the prior's group pattern - N/2)`` to the logits.
+
+        ``prior`` is an (out, in) mask keeping at most N per group (e.g. SparseGPT's); strength 0 changes
+        nothing, 3 makes the prior the argmax of nearly every group while leaving room to move.
+        """
+        if not strength >= 0:
+            raise ValueError(f"{self.name}: prior strength must be >= 0, got {strength}")
         self._check_shape(prior, self.shape, "prior mask")
-        overlap = pattern_overlap(prior.bool(), self.patterns, self.nm.m)  # (out, G, C)
-        std = self.logits.float().std()
-        self.logits.copy_((self.logits.float() + strength * std * (overlap - self.nm.n / 2)).to(self.logits.dtype))
+        prior = prior.to(self.logits.device) != 0
+        assert_nm(prior, self.nm, f"{self.name}: prior mask")
+        if strength == 0:
+            return
+        offsets = prior_offsets(prior, self.patterns, self.nm.n)  # (out, G, C)
+        logits = self.logits.float()
+        self.logits.copy_((logits + strength * logits.std() * offsets).to(self.logits.dtype))
 
     @torch.no_grad()
     def load_logits(self, logits: torch.Tensor, what: str = "logits") -> None:
-        """Start from an earlier run's logits (transfer to a new domain)."""
+        """Start from an earlier run's logits (transfer to new data, or a resume)."""
         self._check_shape(logits, tuple(self.logits.shape), what)
+        if not torch.isfinite(logits).all():
+            raise NonFiniteError(f"{self.name}: {what} hold NaN or inf values; they cannot initialise the mask")
         self.logits.copy_(logits.to(self.logits.dtype))
 
     # -- inspection -----------------------------------------------------------------------------
     @torch.no_grad()
     def hard_mask(self) -> torch.Tensor:
+        """(out, in) bool: each group's argmax pattern."""
         return hard_mask(self.logits, self.patterns)
 
     @torch.no_grad()
     def argmax_patterns(self) -> torch.Tensor:
+        """(out, G) long pattern indices (rows of ``nm_patterns``); compare two of them for the flip rate."""
         return self.logits.argmax(dim=-1)
 
     @torch.no_grad()
-    def max_prob(self) -> torch.Tensor:
-        """Mean over groups of the largest pattern probability of softmax(kappa * logits)."""
-        return torch.softmax(self.kappa * self.logits.float(), dim=-1).max(dim=-1).values.mean()
+    def max_prob(self) -> float:
+        """Mean over groups of the largest probability of softmax(kappa * logits): 1/C uniform, 1 decided."""
+        return float(torch.softmax(self.kappa * self.logits.float(), dim=-1).amax(dim=-1).mean())
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, {self.nm}, logits {tuple(self.logits.shape)} {self.logits.dtype}"
