@@ -58,6 +58,20 @@ def check_layer_inputs(weight: torch.Tensor, gram: torch.Tensor, what: str) -> N
         )
 
 
+def lower_triangular_inverse(lower: torch.Tensor, leaf: int = 128) -> torch.Tensor:
+    """L^{-1} for lower triangular L, by halves: [[A, 0], [C, D]]^{-1} = [[A^-1, 0], [-D^-1 C A^-1, D^-1]].
+    Matrix products instead of one triangular solve against I: about half the time for large L."""
+    n = lower.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype, device=lower.device), upper=False)
+    k = n // 2
+    a_inv, d_inv = lower_triangular_inverse(lower[:k, :k], leaf), lower_triangular_inverse(lower[k:, k:], leaf)
+    out = torch.zeros_like(lower)
+    out[:k, :k], out[k:, k:] = a_inv, d_inv
+    out[k:, :k] = -(d_inv @ (lower[k:, :k] @ a_inv))
+    return out
+
+
 def inverse_hessian_factor(
     gram: torch.Tensor, damp: float, what: str = "layer", max_tries: int = 6
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,21 +83,21 @@ def inverse_hessian_factor(
     so H^{-1} = U^T U for U = J L^{-1} J (one Cholesky and one triangular inverse instead of three
     cubic steps, and better conditioned).
     """
-    h = gram.detach().to(torch.float64).clone()
-    diag = torch.diagonal(h)
-    dead = diag == 0
-    diag[dead] = 1.0
+    flipped = gram.detach().to(torch.float64).flip(0, 1)  # J H J (a new tensor: safe to modify)
+    diag = torch.diagonal(flipped)
+    dead = (diag == 0).flip(0)
+    diag[diag == 0] = 1.0
     mean_diag = diag.mean()
-    flipped = h.flip(0, 1)
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    added = 0.0
     for attempt in range(max_tries):
         frac = damp if attempt == 0 else max(damp, 1e-4) * 10**attempt
-        chol, info = torch.linalg.cholesky_ex(flipped + frac * mean_diag * eye)
+        diag += frac * mean_diag - added  # the damping, on the diagonal in place
+        added = frac * mean_diag
+        chol, info = torch.linalg.cholesky_ex(flipped)
         if int(info) == 0:
             if attempt:
                 log.warning("%s: Hessian not positive definite with damp=%g; used damp=%g", what, damp, frac)
-            u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
-            return u, dead
+            return lower_triangular_inverse(chol).flip(0, 1), dead
     raise DataError(
         f"{what}: the Gram matrix is not positive semi-definite (Cholesky fails even with damping "
         f"{frac:g} x its mean diagonal); it is not a sum of x x^T, recompute the calibration statistics"

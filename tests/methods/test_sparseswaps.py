@@ -224,3 +224,6 @@ def test_bad_inputs_are_named():
     bad[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="Gram"):
         sparseswaps(w, bad, magnitude_mask(w, NM(2, 4)), NM(2, 4))
+    w32, g32 = correlated_problem(rows=2, cols=32)
+    with pytest.raises(SparsityPatternError, match="M <= 16"):
+        sparseswaps(w32, g32, magnitude_mask(w32, NM(2, 32)), NM(2, 32))
