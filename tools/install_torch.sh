@@ -8,11 +8,17 @@ VERSION=2.13.0
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$VERSION' else 1)" 2>/dev/null; then
   exit 0
 fi
-if "$PY" -m pip install --no-index "torch==$VERSION" 2>/dev/null; then
+# A local CPU wheel (pip's configured find-links): install that file; its few pure-Python
+# dependencies come from the configured index.
+LOCAL=$(mktemp -d)
+trap 'rm -rf "$LOCAL"' EXIT
+if "$PY" -m pip download --quiet --no-index --no-deps "torch==$VERSION" -d "$LOCAL" 2>/dev/null; then
+  "$PY" -m pip install --quiet "$LOCAL"/torch-*.whl
   exit 0
 fi
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   echo "No NVIDIA driver found: installing the CPU build of torch $VERSION from download.pytorch.org" >&2
-  exec "$PY" -m pip install "torch==$VERSION" --index-url https://download.pytorch.org/whl/cpu
+  "$PY" -m pip install "torch==$VERSION" --index-url https://download.pytorch.org/whl/cpu
+  exit 0
 fi
-exec "$PY" -m pip install "torch==$VERSION"
+"$PY" -m pip install "torch==$VERSION"
