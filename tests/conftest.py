@@ -17,6 +17,14 @@ def wikitext_dir() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def text_file(tmp_path, wikitext_dir) -> Path:
+    """The first 60,000 characters of the calibration text: enough windows for tiny-model runs."""
+    path = tmp_path / "text.txt"
+    path.write_text((wikitext_dir / "wiki.valid.tokens").read_text()[:60_000])
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm_dir() -> Path:
     from tests.factories import smollm_folder

@@ -52,7 +52,7 @@ class _Catcher(nn.Module):
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, arch: DecoderArch, windows: torch.Tensor, batch_size: int, desc: str = "capture"
+    model: nn.Module, arch: DecoderArch, windows: torch.Tensor, batch_size: int
 ) -> BlockInputs:
     """Run the embedding part of ``model`` on ``windows`` (N, T) and return block 0's inputs."""
     blocks = decoder_blocks(model, arch)

@@ -15,12 +15,6 @@ import torch
 from compressor.errors import NonFiniteError
 
 StatsKind = Literal["none", "norms", "gram"]
-_RANK = {"none": 0, "norms": 1, "gram": 2}
-
-
-def stronger(a: StatsKind, b: StatsKind) -> StatsKind:
-    """The statistic that serves both needs (a Gram matrix also gives the norms)."""
-    return a if _RANK[a] >= _RANK[b] else b
 
 
 @dataclass

@@ -213,6 +213,7 @@ def load_compressed_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from compressor.models.arch import get_arch
+    from compressor.models.lazy import rebuild_rotary
 
     folder = Path(folder)
     state = read_state_dict(folder, verify=verify, executor=executor)
@@ -231,11 +232,7 @@ def load_compressed_model(
         raise CheckpointError(f"{folder}: tensors the model does not have: {result.unexpected_keys[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    arch = get_arch(config)
-    if arch.rotary_emb:  # non-persistent tables are not in checkpoints: rebuild them on CPU
-        parent_path, _, leaf = arch.rotary_emb.rpartition(".")
-        parent = model.get_submodule(parent_path)
-        setattr(parent, leaf, type(getattr(parent, leaf))(config=model.config))
+    rebuild_rotary(model, get_arch(config))
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"{folder}: the checkpoint lacks {len(left)} tensor(s) of the model, e.g. {left[:3]}")

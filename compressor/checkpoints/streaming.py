@@ -6,17 +6,12 @@ released; the index, config and tokenizer come last, then the folder is renamed 
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from compressor.errors import OutputExistsError
-from compressor.utils.fs import atomic_save_safetensors, atomic_write_json
+from compressor.utils.fs import atomic_save_safetensors, atomic_write_json, move_dir_into_place
 
 
 class StreamingHFWriter:
@@ -30,8 +25,8 @@ class StreamingHFWriter:
         return (self.folder / f"{shard}.safetensors").is_file()
 
     def write(self, shard: str, tensors: Mapping[str, torch.Tensor]) -> None:
-        # Tied / shared tensors must be saved once: clone so safetensors sees distinct storage.
-        atomic_save_safetensors({k: v.detach().contiguous().clone() for k, v in tensors.items()},
+        # Callers pass each storage once (a tied LM head is left out), so no copies are needed.
+        atomic_save_safetensors({k: v.detach().contiguous() for k, v in tensors.items()},
                                 self.folder / f"{shard}.safetensors", metadata={"format": "pt"})
 
     def finish(self, config, tokenizer, generation_config=None, replace: bool = False) -> Path:
@@ -49,11 +44,5 @@ class StreamingHFWriter:
         if generation_config is not None:
             generation_config.save_pretrained(self.folder)
         tokenizer.save_pretrained(self.folder)
-        if self.final.exists():
-            if not replace:
-                raise OutputExistsError(f"{self.final} already exists")
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".old", dir=self.final.parent))
-            os.replace(self.final, trash / self.final.name)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(self.folder, self.final)
+        move_dir_into_place(self.folder, self.final, replace)
         return self.final

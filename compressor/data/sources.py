@@ -181,16 +181,20 @@ def read_parquet(path: Path, field: str, skip: int = 0) -> Records:
     return count
 
 
+def file_records(path: Path, cfg: DatasetConfig, skip: int = 0) -> Records:
+    """The documents of one file in its format, after skipping ``skip``; returns how many it holds."""
+    fmt = file_format(path, cfg.format)
+    if fmt == "text":
+        return _text_records(path, cfg.chunk_bytes, skip)
+    if fmt == "jsonl":
+        return read_jsonl(path, cfg.text_field, skip)
+    return read_parquet(path, cfg.text_field, skip)
+
+
 def _file_records(cfg: DatasetConfig, skip: int) -> Records:
     total = 0
     for path in source_files(cfg):
-        fmt = file_format(path, cfg.format)
-        if fmt == "text":
-            count = yield from _text_records(path, cfg.chunk_bytes, skip)
-        elif fmt == "jsonl":
-            count = yield from read_jsonl(path, cfg.text_field, skip)
-        else:
-            count = yield from read_parquet(path, cfg.text_field, skip)
+        count = yield from file_records(path, cfg, skip)
         skip = max(0, skip - count)
         total += count
     return total

@@ -21,7 +21,7 @@ import torch
 from compressor.data.builtin import BUILTIN
 from compressor.data.config import DatasetConfig
 from compressor.data.sources import (
-    file_format, iter_documents, read_jsonl, read_parquet, read_text_chunks, source_files,
+    file_format, file_records, iter_documents, read_text_chunks, source_files,
 )
 from compressor.errors import DataError
 from compressor.utils.fs import atomic_torch_save
@@ -114,8 +114,7 @@ def _pieces(cfg: DatasetConfig, tokenizer) -> Iterator[list[int]]:
                 yield from _text_file_ids(file, tokenizer, cfg.chunk_bytes)
                 yield [eos]
                 continue
-            reader = read_jsonl(file, cfg.text_field) if fmt == "jsonl" else read_parquet(file, cfg.text_field)
-            for doc in reader:
+            for doc in file_records(file, cfg):
                 if doc:
                     yield _encode(tokenizer, doc) + [eos]
         return

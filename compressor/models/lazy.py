@@ -97,9 +97,13 @@ def materialize_outer(model: nn.Module, arch, store: WeightStore, dtype: torch.d
         materialize(model.get_submodule(path), path, store, dtype, aliases)
     if tied:
         model.tie_weights()
+    rebuild_rotary(model, arch)
+
+
+def rebuild_rotary(model: nn.Module, arch) -> None:
+    """Rotary tables are non-persistent buffers computed at construction, so no checkpoint holds them:
+    a model built on the meta device gets them recomputed on CPU."""
     if arch.rotary_emb:
-        # Rotary tables are non-persistent buffers computed at construction: rebuild them on CPU.
         parent_path, _, leaf = arch.rotary_emb.rpartition(".")
         parent = model.get_submodule(parent_path)
-        rotary = getattr(parent, leaf)
-        setattr(parent, leaf, type(rotary)(config=model.config))
+        setattr(parent, leaf, type(getattr(parent, leaf))(config=model.config))

@@ -105,12 +105,10 @@ def run_learn(cfg: LearnConfig, output: str | Path, overwrite: bool = False, res
     backend.setup(model, params, cfg.train.grad_accum, cfg.train.micro_batch_size)
     stream = make_stream(cfg, tokenizer, backend.rank, backend.world_size)
 
-    evaluate_fn = None
+    evaluate_fn = None  # only rank 0 evaluates; the others wait for it at the next gradient all-reduce
     if cfg.evaluation.enabled and backend.is_main:
         eval_windows, note = eval_windows_for(cfg.evaluation, tokenizer)
         evaluate_fn = lambda: evaluate(model, eval_windows, cfg.evaluation, note, "hard mask").perplexity  # noqa: E731
-    elif cfg.evaluation.enabled:
-        evaluate_fn = lambda: float("nan")  # noqa: E731  (only rank 0 evaluates; others wait at the next collective)
 
     with timer.phase("train"):
         history = train_masks(model, masks, cfg.maskllm, cfg.train, stream, backend, out / "checkpoints", evaluate_fn)

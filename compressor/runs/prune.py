@@ -26,7 +26,7 @@ from compressor.pipelines.sequential import OneShotPlan, prune_sequential
 from compressor.reporting.markdown import prune_report_markdown
 from compressor.reporting.plots import plot_layer_errors
 from compressor.reporting.summary import mean_by_type, mean_of, weighted_density
-from compressor.sparsity import NM
+from compressor.sparsity import NM, is_nm
 from compressor.runs.common import evaluate, eval_windows_for, finish_report, save_or_check_config
 from compressor.utils.fs import atomic_dir, prepare_output_dir
 from compressor.utils.logging import get_logger
@@ -148,7 +148,8 @@ def run_prune(cfg: PruneConfig, output: str | Path, overwrite: bool = False, res
     report["summary"] = {
         "linears": len(layers),
         "density": weighted_density(layers),
-        "pattern_ok": True,  # prune_sequential asserts the N:M pattern of every pruned weight
+        # prune_sequential already raised if a weight broke the pattern; this records the final masks' check
+        "pattern_ok": all(is_nm(m, cfg.sparsity) for m in outcome.masks.values()) if isinstance(cfg.sparsity, NM) else None,
         "mean_layer_error": mean_of(layers, "error"),
         "error_by_type": mean_by_type(layers, "error"),
         "mean_warm_start_error": mean_of(layers, "warm_start_error"),

@@ -76,6 +76,20 @@ def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict[str,
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+def move_dir_into_place(src: Path, path: Path, replace: bool = False) -> None:
+    """Rename the finished folder ``src`` to ``path``; an existing ``path`` is swapped out only if asked."""
+    if path.exists():
+        if not replace:
+            raise OutputExistsError(f"{path} already exists; remove it or choose another path")
+        trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, trash / path.name)
+        os.replace(src, path)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, path)
+    _fsync_dir(path.parent)
+
+
 @contextmanager
 def atomic_dir(path: str | Path, replace: bool = False) -> Iterator[Path]:
     """Build a folder under a temporary name and rename it to ``path`` when the block succeeds."""
@@ -86,14 +100,7 @@ def atomic_dir(path: str | Path, replace: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, trash / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        move_dir_into_place(tmp, path, replace)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

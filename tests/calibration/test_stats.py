@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compressor.calibration.stats import InputStats, stronger
+from compressor.calibration.stats import InputStats
 from compressor.errors import NonFiniteError
 
 
@@ -46,9 +46,3 @@ def test_bad_inputs():
         stats.add(torch.randn(3, 5))
     with pytest.raises(NonFiniteError, match="non-finite"):
         stats.add(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
-
-
-def test_stronger():
-    assert stronger("none", "norms") == "norms"
-    assert stronger("gram", "norms") == "gram"
-    assert stronger("none", "none") == "none"

@@ -13,13 +13,6 @@ from compressor.models import load_model
 from compressor.sparsity import NM, is_nm
 
 
-@pytest.fixture
-def text_file(tmp_path, wikitext_dir):
-    path = tmp_path / "text.txt"
-    path.write_text((wikitext_dir / "wiki.valid.tokens").read_text()[:60_000])
-    return path
-
-
 def _config(tmp_path, text_file, **extra):
     cfg = {
         "model": {"source": str(extra.pop("model"))},

@@ -30,25 +30,26 @@ def dense_ppl(smollm_dir, data):
     return perplexity(model, data[1]).perplexity
 
 
-@pytest.mark.parametrize("method, options", [("wanda", WandaOptions()), ("sparsegpt", SparseGPTOptions())])
-def test_prune_smollm_2_4(smollm_dir, data, dense_ppl, method, options):
+def _prune_three_blocks(smollm_dir, calib, method, options):
     loaded = load_model(str(smollm_dir))
     assert loaded.arch.family == "llama" and len(loaded.model.model.layers) == 30
     plan = OneShotPlan(method, NM(2, 4), options, batch_size=4, targets=(r"model\.layers\.(0|1|2)\..*",))
-    outcome = prune_sequential(loaded.model, loaded.arch, data[0], plan, InProcessExecutor())
+    outcome = prune_sequential(loaded.model, loaded.arch, calib, plan, InProcessExecutor())
     assert len(outcome.masks) == 21
     for name, mask in outcome.masks.items():
         assert is_nm(loaded.model.get_parameter(name), NM(2, 4)) and mask.float().mean() == 0.5
     errors = [r.error for r in outcome.layers]
     assert all(0 < e < 0.5 for e in errors)
-    ppl = perplexity(loaded.model, data[1]).perplexity
-    assert dense_ppl < ppl < 3 * dense_ppl  # three pruned blocks cost some, not everything
-    if method == "sparsegpt":
-        test_prune_smollm_2_4.sgpt_error = sum(errors) / len(errors)
-    else:
-        test_prune_smollm_2_4.wanda_error = sum(errors) / len(errors)
-    if hasattr(test_prune_smollm_2_4, "sgpt_error") and hasattr(test_prune_smollm_2_4, "wanda_error"):
-        assert test_prune_smollm_2_4.sgpt_error < test_prune_smollm_2_4.wanda_error
+    return loaded.model, sum(errors) / len(errors)
+
+
+def test_wanda_and_sparsegpt_2_4_on_smollm(smollm_dir, data, dense_ppl):
+    errors = {}
+    for method, options in (("wanda", WandaOptions()), ("sparsegpt", SparseGPTOptions())):
+        model, errors[method] = _prune_three_blocks(smollm_dir, data[0], method, options)
+        ppl = perplexity(model, data[1]).perplexity
+        assert dense_ppl < ppl < 3 * dense_ppl, method  # three pruned blocks cost some, not everything
+    assert errors["sparsegpt"] < errors["wanda"]
 
 
 def test_dense_perplexity_is_sane(dense_ppl):

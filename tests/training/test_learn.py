@@ -16,13 +16,6 @@ from compressor.sparsity import NM, is_nm
 from compressor.training.config import LearnConfig
 
 
-@pytest.fixture
-def text_file(tmp_path, wikitext_dir):
-    path = tmp_path / "text.txt"
-    path.write_text((wikitext_dir / "wiki.valid.tokens").read_text()[:40_000])
-    return path
-
-
 def _cfg(model, text, **over):
     data = {
         "model": {"source": str(model)},
