@@ -25,7 +25,7 @@ from compressor.reporting.plots import plot_lines
 from compressor.runs.common import evaluate, eval_windows_for, finish_report, save_or_check_config
 from compressor.training.backends import Backend, DeepSpeedBackend, SingleProcessBackend
 from compressor.training.config import LearnConfig
-from compressor.training.loop import train_masks
+from compressor.training.loop import backend_grad_accum, train_masks
 from compressor.utils.fs import atomic_dir, prepare_output_dir
 from compressor.utils.logging import get_logger, setup_logging
 from compressor.utils.timing import PhaseTimer
@@ -102,7 +102,7 @@ def run_learn(cfg: LearnConfig, output: str | Path, overwrite: bool = False, res
     if cfg.maskllm.train_weights:
         weights = [model.get_submodule(n).parametrizations.weight.original for n in masks]
         params.append({"params": weights, "lr": cfg.maskllm.weight_lr})
-    backend.setup(model, params, cfg.train.grad_accum, cfg.train.micro_batch_size)
+    backend.setup(model, params, backend_grad_accum(cfg.maskllm, cfg.train), cfg.train.micro_batch_size)
     stream = make_stream(cfg, tokenizer, backend.rank, backend.world_size)
 
     evaluate_fn = None  # only rank 0 evaluates; the others wait for it at the next gradient all-reduce

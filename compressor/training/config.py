@@ -59,3 +59,12 @@ class LearnConfig(StrictModel):
     evaluation: EvalConfig = EvalConfig(max_windows=16)
     backend: Literal["single", "deepspeed"] = "single"
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+    @model_validator(mode="after")
+    def _zero3_samples_inside_forward(self) -> "LearnConfig":
+        # ZeRO-3 gathers the partitioned logits only inside the engine's forward; a sample held for a
+        # whole step is drawn outside it.
+        if self.backend == "deepspeed" and self.deepspeed.zero_stage == 3 and self.maskllm.sample_every == "step":
+            raise ValueError("deepspeed.zero_stage 3 needs maskllm.sample_every: micro_batch (held per-step samples "
+                             "read the logits outside the engine's forward, where ZeRO-3 has them partitioned)")
+        return self

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from compressor.errors import NonFiniteError
 from compressor.methods.maskllm import (
-    mask_stats, mask_train, set_schedule_state, sparse_weight_regularizer,
+    hold_samples, mask_stats, mask_train, set_schedule_state, sparse_weight_regularizer, step_surrogate,
 )
 from compressor.methods.maskllm.config import MaskLLMConfig
 from compressor.training.backends import Backend
@@ -78,18 +78,23 @@ def train_masks(
         tau, kappa, lam = _schedule(mcfg, step, tcfg.steps)
         set_schedule_state(masks, tau, kappa)
         step_loss = torch.zeros((), dtype=torch.float64)
+        per_step = mcfg.sample_every == "step"
+        held = hold_samples(model, masks) if per_step else None
         for _ in range(tcfg.grad_accum):
             ids = stream.next_batch(tcfg.micro_batch_size)  # (B, T)
             lm_loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            # Subtracting the kept weights' energy rewards masks that keep large weights.
-            loss = lm_loss - lam * sparse_weight_regularizer(masks) if lam > 0 else lm_loss
-            if not torch.isfinite(loss):
-                raise NonFiniteError(
-                    f"non-finite loss at step {step}; the last good checkpoint in {checkpoint_root} is intact "
-                    "(lower maskllm.logits_lr or check the data and weights, then --resume)"
-                )
-            backend.backward(loss)
+            _check_finite(lm_loss, step, checkpoint_root)
+            if per_step:  # gradients collect on the held samples; the logits get them once, below
+                (lm_loss / tcfg.grad_accum).backward()
+            else:  # subtracting the kept weights' energy rewards masks that keep large weights
+                loss = lm_loss - lam * sparse_weight_regularizer(masks) if lam > 0 else lm_loss
+                _check_finite(loss, step, checkpoint_root)
+                backend.backward(loss)
             step_loss += lm_loss.detach().double() / tcfg.grad_accum
+        if per_step:
+            surrogate = step_surrogate(masks, held, lam)
+            _check_finite(surrogate, step, checkpoint_root)
+            backend.backward(surrogate)
         backend.step()
         window_loss += backend.all_mean(step_loss)
         window_steps += 1
@@ -118,6 +123,19 @@ def train_masks(
     bar.close()
     mask_train(masks, False)
     return history
+
+
+def backend_grad_accum(mcfg: MaskLLMConfig, tcfg: TrainConfig) -> int:
+    """Backward calls per optimizer step the backend sees: one surrogate per step with held samples."""
+    return 1 if mcfg.sample_every == "step" else tcfg.grad_accum
+
+
+def _check_finite(loss: torch.Tensor, step: int, checkpoint_root: Path) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteError(
+            f"non-finite loss at step {step}; the last good checkpoint in {checkpoint_root} is intact "
+            "(lower maskllm.logits_lr or check the data and weights, then --resume)"
+        )
 
 
 def _save(root: Path, step: int, masks: dict[str, Any], backend: Backend, stream, history: History, keep: int) -> None:

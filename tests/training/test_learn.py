@@ -92,19 +92,24 @@ def test_resume_after_kill_reproduces_logits_bit_for_bit(tmp_path, tiny_llama_di
         assert torch.equal(whole[name], resumed[name]), name
 
 
-def test_non_finite_loss_stops_with_the_checkpoint_intact(tmp_path, tiny_llama_dir, text_file, monkeypatch):
+@pytest.mark.parametrize("sample_every,poison", [("micro_batch", "sparse_weight_regularizer"),
+                                                  ("step", "step_surrogate")])
+def test_non_finite_loss_stops_with_the_checkpoint_intact(tmp_path, tiny_llama_dir, text_file, monkeypatch,
+                                                          sample_every, poison):
     import compressor.training.loop as loop
 
     calls = {"n": 0}
-    real = loop.sparse_weight_regularizer
+    real = getattr(loop, poison)
+    after = {"micro_batch": 5, "step": 2}[sample_every]  # calls per step: grad_accum vs 1
 
-    def poisoned(masks):
+    def poisoned(*args):
         calls["n"] += 1
-        return real(masks) * (float("nan") if calls["n"] > 5 else 1.0)
+        return real(*args) * (float("nan") if calls["n"] > after else 1.0)
 
-    monkeypatch.setattr(loop, "sparse_weight_regularizer", poisoned)
+    monkeypatch.setattr(loop, poison, poisoned)
     with pytest.raises(NonFiniteError, match="last good checkpoint"):
-        run_learn(_cfg(tiny_llama_dir, text_file, **{"evaluation.enabled": False}), tmp_path / "run")
+        run_learn(_cfg(tiny_llama_dir, text_file, **{"evaluation.enabled": False, "maskllm.sample_every": sample_every}),
+                  tmp_path / "run")
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_0000002"
 
 

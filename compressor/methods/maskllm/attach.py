@@ -116,6 +116,35 @@ def sparse_weight_regularizer(source: Union[nn.Module, Mapping[str, NMMaskParame
     return torch.stack(terms).sum()
 
 
+def hold_samples(model: nn.Module, masks: Masks) -> Masks | dict[str, torch.Tensor]:
+    """Draw one soft sample per mask for a whole optimizer step: {name: W * mask with its graph}.
+
+    Every forward until ``step_surrogate`` reuses the sample, so the cost of sampling (and of its
+    backward) is paid once per step instead of once per micro-batch.
+    """
+    return {name: m.hold_sample(model.get_submodule(name).parametrizations.weight.original)
+            for name, m in masks.items()}
+
+
+def step_surrogate(masks: Masks, held: Mapping[str, torch.Tensor], lam: float) -> torch.Tensor:
+    """Release the held samples; returns a scalar whose gradient is the step's gradient of the loss.
+
+    sum <W * mask, G> with G = d loss / d (W * mask) accumulated by the micro-batches, minus the
+    regulariser lambda * ||W * mask||^2. Its value is not a loss; call backward on it once.
+    """
+    terms = []
+    for name, m in masks.items():
+        grad = m.release_sample()
+        masked = held[name]
+        if grad is not None:
+            terms.append((masked * grad).sum())
+        if lam > 0:
+            terms.append(-lam * masked.float().pow(2).sum())
+    if not terms:
+        raise RuntimeError("step_surrogate: no micro-batch used the held masks; run the model forward in between")
+    return torch.stack([t.float() for t in terms]).sum()
+
+
 @torch.no_grad()
 def mask_stats(masks: Masks, prev_argmax: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, float]:
     """Mean max-probability over all groups and, given earlier ``argmax_patterns()``, the flip rate.

@@ -36,6 +36,9 @@ class MaskLLMConfig(StrictModel):
     init_std: PositiveFloat = 0.01  # std of the random initial logits
     logits_dtype: Literal["float32", "bfloat16"] = "float32"  # also the dtype of their AdamW state
     logits_lr: PositiveFloat = 5e-3
+    # "step": one Gumbel sample per optimizer step, shared by its micro-batches (sampling and its
+    # backward run once per step); "micro_batch": a fresh sample for every forward pass.
+    sample_every: Literal["step", "micro_batch"] = "step"
     train_weights: bool = False  # also train the masked weights (otherwise every model weight is frozen)
     weight_lr: PositiveFloat = 1e-5
 

@@ -57,6 +57,54 @@ def gumbel_softmax_probs(
     return one_hot - probs.detach() + probs
 
 
+def _softmax_last(z: torch.Tensor) -> torch.Tensor:
+    # torch.softmax over a last dimension of size C = 6 is several times slower on CPU than these
+    # three element-wise passes (measured: 14 ms vs 2.6 ms for a 1536 x 576 layer's logits).
+    e = (z - z.amax(dim=-1, keepdim=True)).exp_()
+    return e.div_(e.sum(dim=-1, keepdim=True))
+
+
+class _GumbelSoftMask(torch.autograd.Function):
+    """mask = softmax((kappa * logits + noise) / tau) @ patterns, saving only the probabilities.
+
+    Backward, with p the probabilities and g = d loss / d mask grouped as (out, G, M):
+    dp = g @ patterns^T; dz = p * (dp - sum_c p * dp); d logits = dz * kappa / tau.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, noise, patterns, tau: float, kappa: float):  # type: ignore[override]
+        probs = _softmax_last((kappa * logits.float() + noise) / tau)  # (out, G, C)
+        ctx.save_for_backward(probs, patterns)
+        ctx.scale, ctx.logits_dtype = kappa / tau, logits.dtype
+        return soft_mask(probs, patterns)  # (out, in)
+
+    @staticmethod
+    def backward(ctx, grad_mask):  # type: ignore[override]
+        probs, patterns = ctx.saved_tensors
+        grad_groups = grad_mask.float().reshape(probs.shape[0], probs.shape[1], -1)  # (out, G, M)
+        dprobs = grad_groups @ patterns.T  # (out, G, C)
+        dz = probs * (dprobs - (probs * dprobs).sum(dim=-1, keepdim=True))
+        return (dz * ctx.scale).to(ctx.logits_dtype), None, None, None, None
+
+
+def gumbel_soft_mask(
+    logits: torch.Tensor,
+    tau: float,
+    kappa: float,
+    patterns: torch.Tensor,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """(out, G, C) logits -> (out, G * M) float32 soft mask of one Gumbel-Softmax sample.
+
+    Equal to ``soft_mask(gumbel_softmax_probs(logits, tau, kappa, generator), patterns)`` (same noise
+    for the same generator state) but fused: a third of the memory kept for backward and faster on CPU.
+    """
+    if not tau > 0:
+        raise ValueError(f"Gumbel-Softmax temperature tau must be > 0, got {tau}")
+    noise = sample_gumbel(logits.shape, generator, logits.device)  # (out, G, C)
+    return _GumbelSoftMask.apply(logits, noise, patterns.to(torch.float32), float(tau), float(kappa))
+
+
 def soft_mask(probs: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
     """(out, G, C) pattern probabilities x (C, M) patterns -> (out, G * M) soft mask.
 

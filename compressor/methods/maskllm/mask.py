@@ -22,7 +22,7 @@ from torch import nn
 
 from compressor.errors import NonFiniteError, SparsityPatternError
 from compressor.methods.maskllm.config import check_pattern_count
-from compressor.methods.maskllm.gumbel import gumbel_softmax_probs, hard_mask, prior_offsets, soft_mask
+from compressor.methods.maskllm.gumbel import gumbel_soft_mask, hard_mask, prior_offsets
 from compressor.sparsity import NM, assert_nm, check_divisible, nm_patterns
 from compressor.utils.logging import get_logger
 
@@ -63,6 +63,8 @@ class NMMaskParametrization(nn.Module):
         self.tau, self.kappa = 4.0, 100.0
         # W * mask of the latest training forward, kept for the sparse-weight regulariser.
         self.last_masked: Optional[torch.Tensor] = None
+        # A sample held for all micro-batches of one optimizer step (see ``hold_sample``).
+        self.held: Optional[torch.Tensor] = None
         self.train(False)  # hard masks until the trainer asks for learning
 
     # -- forward --------------------------------------------------------------------------------
@@ -73,14 +75,37 @@ class NMMaskParametrization(nn.Module):
             )
         if not self.training:
             return weight * hard_mask(self.logits, self.patterns).to(weight.dtype)
-        probs = gumbel_softmax_probs(self.logits, self.tau, self.kappa, self.generator)  # (out, G, C)
-        masked = weight * soft_mask(probs, self.patterns).to(weight.dtype)  # (out, in)
+        if self.held is not None:
+            return self.held
+        masked = weight * gumbel_soft_mask(self.logits, self.tau, self.kappa, self.patterns, self.generator).to(
+            weight.dtype
+        )  # (out, in)
         self.last_masked = masked
         return masked
+
+    def hold_sample(self, weight: torch.Tensor) -> torch.Tensor:
+        """Draw one soft sample W * mask and serve it to every forward until ``release_sample``.
+
+        Forwards see a detached leaf copy, so micro-batch backward passes only accumulate
+        d loss / d (W * mask) on it; ``release_sample`` then backpropagates into the logits once.
+        Returns the sample with its graph (for the regulariser).
+        """
+        if not self.training:
+            raise RuntimeError(f"{self.name}: hold_sample needs a training (soft) mask; call mask_train(masks, True)")
+        masked = self.forward(weight)
+        self.held = masked.detach().requires_grad_(True)
+        return masked
+
+    def release_sample(self) -> Optional[torch.Tensor]:
+        """Stop serving the held sample; returns the gradient its forwards accumulated (None if unused)."""
+        grad = None if self.held is None else self.held.grad
+        self.held = None
+        return grad
 
     def train(self, mode: bool = True) -> "NMMaskParametrization":
         if not mode:
             self.last_masked = None  # do not hold a weight-sized tensor while evaluating
+            self.held = None
         return super().train(mode)
 
     def set_schedule(self, tau: float, kappa: float) -> None:

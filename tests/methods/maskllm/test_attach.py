@@ -7,8 +7,8 @@ from torch import nn
 from compressor.errors import SparsityPatternError
 from compressor.methods.magnitude import magnitude_mask
 from compressor.methods.maskllm import (
-    MaskLLMConfig, attach_masks, layer_seed, mask_memory_bytes, mask_stats, mask_train, remove_masks,
-    set_schedule_state, sparse_weight_regularizer,
+    MaskLLMConfig, attach_masks, hold_samples, layer_seed, mask_memory_bytes, mask_stats, mask_train, remove_masks,
+    set_schedule_state, sparse_weight_regularizer, step_surrogate,
 )
 from compressor.methods.maskllm.gumbel import gumbel_softmax_probs, soft_mask
 from compressor.sparsity import NM, assert_nm
@@ -44,6 +44,45 @@ def test_one_backward_reaches_every_logit_and_no_weight(dtype):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.parametrizations.weight.0.logits" for n in LINEARS}
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+
+
+@pytest.mark.parametrize("train_weights", [False, True])
+def test_a_held_sample_gives_the_gradient_of_one_sample_shared_by_all_micro_batches(train_weights):
+    lam, batches = 1e-2, [IDS[:1], IDS[1:]]
+    cfg = MaskLLMConfig(train_weights=train_weights)
+
+    def grads(model, masks):
+        params = [m.logits for m in masks.values()]
+        if train_weights:
+            params += [model.get_submodule(n).parametrizations.weight.original for n in masks]
+        return [p.grad.clone() for p in params]
+
+    # reference: the same sample with its graph in every micro-batch, one backward of the mean loss
+    model = _tiny_llama()
+    masks = attach_masks(model, LINEARS, cfg)
+    mask_train(masks, True)
+    set_schedule_state(masks, 2.0, 100.0)
+    from torch.nn.utils import parametrize
+
+    with parametrize.cached():  # one forward of each parametrization, reused by both micro-batches
+        losses = [model(input_ids=b, labels=b).loss for b in batches]
+        (sum(losses) / 2 - lam * sparse_weight_regularizer(masks)).backward()
+    expected = grads(model, masks)
+
+    model = _tiny_llama()
+    masks = attach_masks(model, LINEARS, cfg)
+    mask_train(masks, True)
+    set_schedule_state(masks, 2.0, 100.0)
+    held = hold_samples(model, masks)
+    for b in batches:
+        (model(input_ids=b, labels=b).loss / 2).backward()
+    assert all(m.logits.grad is None for m in masks.values())  # nothing reaches the logits yet
+    step_surrogate(masks, held, lam).backward()
+    assert all(m.held is None for m in masks.values())
+    got = grads(model, masks)
+    assert len(got) == len(expected) and all(e.abs().sum() > 0 for e in expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
 
 def test_train_weights_lets_the_masked_weights_learn():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compressor.methods.maskllm.gumbel import (
-    gumbel_softmax_probs, hard_mask, pattern_overlap, prior_offsets, sample_gumbel, soft_mask,
+    gumbel_soft_mask, gumbel_softmax_probs, hard_mask, pattern_overlap, prior_offsets, sample_gumbel, soft_mask,
 )
 from compressor.sparsity import NM, assert_nm, is_nm, nm_patterns
 
@@ -50,9 +50,13 @@ def test_soft_mask_matches_a_loop():
 
 
 def test_cold_sample_with_large_kappa_equals_the_hard_mask():
+    torch.manual_seed(0)
     patterns = nm_patterns(NM(2, 4)).float()
     logits = torch.randn(8, 4, 6) * 0.01
-    probs = gumbel_softmax_probs(logits, tau=1e-3, kappa=1e5, generator=torch.Generator().manual_seed(0))
+    # kappa times the smallest gap between a group's top two logits must dwarf the noise (|g| < ~17)
+    top2 = logits.topk(2, dim=-1).values
+    assert 1e7 * (top2[..., 0] - top2[..., 1]).min() > 100
+    probs = gumbel_softmax_probs(logits, tau=1e-3, kappa=1e7, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(soft_mask(probs, patterns), hard_mask(logits, patterns).float(), atol=1e-5, rtol=0)
     warm = soft_mask(gumbel_softmax_probs(logits, tau=4.0, kappa=100.0, generator=torch.Generator()), patterns)
     assert ((warm > 0.05) & (warm < 0.95)).float().mean() > 0.5  # a warm sample is genuinely soft
@@ -123,3 +127,22 @@ def test_prior_offsets_count_shared_kept_positions():
             assert overlap[0, g, c] == want
     offsets = prior_offsets(prior, patterns, nm.n)
     assert torch.equal(offsets, overlap - 1.0) and is_nm(prior, nm)
+
+
+@pytest.mark.parametrize("nm", [NM(2, 4), NM(1, 4), NM(4, 8)])
+@pytest.mark.parametrize("tau,kappa", [(4.0, 100.0), (0.5, 300.0)])
+def test_fused_soft_mask_equals_the_composed_ops_forward_and_backward(nm, tau, kappa):
+    torch.manual_seed(0)
+    patterns = nm_patterns(nm).float()
+    logits = (torch.randn(5, 3, patterns.shape[0]) * 0.01).requires_grad_(True)
+    upstream = torch.randn(5, 3 * nm.m)  # d loss / d mask
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    reference = soft_mask(gumbel_softmax_probs(ref_logits, tau, kappa, torch.Generator().manual_seed(3)), patterns)
+    fused = gumbel_soft_mask(logits, tau, kappa, patterns, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    (reference * upstream).sum().backward()
+    (fused * upstream).sum().backward()
+    # float32 rounding is amplified by kappa / tau (up to 600 here): compare against the largest entry
+    scale = ref_logits.grad.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(logits.grad / scale, ref_logits.grad / scale, rtol=0, atol=1e-5)

@@ -82,7 +82,7 @@ def test_eval_mode_is_a_plain_linear_with_the_hard_mask_and_training_is_soft():
     soft = lin.weight
     expected = w * soft_mask(gumbel_softmax_probs(mask.logits, 2.0, 100.0, torch.Generator().set_state(state)),
                              mask.patterns)
-    torch.testing.assert_close(soft, expected, rtol=0, atol=0)
+    torch.testing.assert_close(soft, expected, rtol=1e-6, atol=1e-7)  # fused softmax: rounding only
     assert ((soft != 0) & (soft.abs() < w.abs() * 0.999)).any()  # some entries only partly kept
     with pytest.raises(ValueError, match="tau"):
         mask.set_schedule(0.0, 100.0)
