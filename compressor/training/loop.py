@@ -69,6 +69,10 @@ def train_masks(
         log.info("resumed from %s at step %d", found, start)
     tokens_per_step = tokens_per_step or tcfg.micro_batch_size * tcfg.grad_accum * tcfg.seq_len * backend.world_size
     prev_argmax = {n: m.argmax_patterns() for n, m in masks.items()}
+    if evaluate is not None and tcfg.eval_every and start == 0:  # the starting point of the curve: the prior
+        mask_train(masks, False)
+        history.evals.append({"step": 0, "tokens": 0, "perplexity": evaluate()})
+        log.info("step 0: hard-mask perplexity %.3f", history.evals[-1]["perplexity"])
     mask_train(masks, True)
     model.train()  # no dropout in LLaMA; the mode only selects soft (train) vs hard (eval) masks
     bar = tqdm(total=tcfg.steps, initial=start, desc="learn masks", unit="step", disable=not backend.is_main)

@@ -38,7 +38,7 @@ def test_learn_writes_masks_logits_model_and_report(tmp_path, tiny_llama_dir, te
     out = tmp_path / "run"
     report = run_learn(_cfg(tiny_llama_dir, text_file), out)
     assert [r["step"] for r in report["history"]["logs"]] == [2, 4, 6]
-    assert [r["step"] for r in report["history"]["evals"]] == [3, 6]
+    assert [r["step"] for r in report["history"]["evals"]] == [0, 3, 6]
     first, last = report["history"]["logs"][0], report["history"]["logs"][-1]
     assert first["tau"] > last["tau"] and first["kappa"] < last["kappa"]
     assert report["memory_per_masked_weight"]["logits"] == 6.0
