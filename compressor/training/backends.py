@@ -19,7 +19,7 @@ from compressor.config.base import StrictModel
 
 
 class DeepSpeedConfig(StrictModel):
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2  # 3 is refused by LearnConfig (see its validator)
     world_size: PositiveInt = 1  # data-parallel ranks started by `compressor learn` (torch.multiprocessing)
     master_port: PositiveInt = 29533
 

@@ -61,10 +61,11 @@ class LearnConfig(StrictModel):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
 
     @model_validator(mode="after")
-    def _zero3_samples_inside_forward(self) -> "LearnConfig":
-        # ZeRO-3 gathers the partitioned logits only inside the engine's forward; a sample held for a
-        # whole step is drawn outside it.
-        if self.backend == "deepspeed" and self.deepspeed.zero_stage == 3 and self.maskllm.sample_every == "step":
-            raise ValueError("deepspeed.zero_stage 3 needs maskllm.sample_every: micro_batch (held per-step samples "
-                             "read the logits outside the engine's forward, where ZeRO-3 has them partitioned)")
+    def _no_zero3(self) -> "LearnConfig":
+        # ZeRO-3 partitions the logits; the loop reads them whole between steps (flip rate, checkpoints,
+        # rank 0's evaluation, the final masks), which would need gathers on every rank.
+        if self.backend == "deepspeed" and self.deepspeed.zero_stage == 3:
+            raise ValueError("deepspeed.zero_stage 3 is not supported: it partitions the mask logits, which mask "
+                             "learning reads whole between steps; use zero_stage 1 or 2 (logits' optimizer state "
+                             "and gradients are still partitioned), or the Megatron TP/PP launcher for big models")
         return self

@@ -9,7 +9,7 @@ import yaml
 from compressor.checkpoints.logits import load_logits
 from compressor.checkpoints.masks import load_masks
 from compressor.config.base import validate_config
-from compressor.errors import NonFiniteError
+from compressor.errors import ConfigError, NonFiniteError
 from compressor.models import load_model
 from compressor.runs.learn import launch_learn, run_learn
 from compressor.sparsity import NM, is_nm
@@ -113,9 +113,13 @@ def test_non_finite_loss_stops_with_the_checkpoint_intact(tmp_path, tiny_llama_d
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_0000002"
 
 
+def test_zero3_is_refused_with_the_reason(tiny_llama_dir, text_file):
+    with pytest.raises(ConfigError, match="zero_stage 3 is not supported: it partitions"):
+        _cfg(tiny_llama_dir, text_file, backend="deepspeed", deepspeed={"zero_stage": 3})
+
+
 def test_a_prior_for_other_layers_is_an_error(tmp_path, tiny_llama_dir, text_file):
     from compressor.checkpoints.masks import save_masks
-    from compressor.errors import ConfigError
 
     save_masks(tmp_path / "m.safetensors", {"model.layers.0.mlp.up_proj.weight": torch.ones(128, 64, dtype=torch.bool)})
     cfg = _cfg(tiny_llama_dir, text_file, prior={"kind": "file", "path": str(tmp_path / "m.safetensors")})
@@ -141,10 +145,14 @@ class _Interleaved:
 
 
 @pytest.mark.distributed
-def test_deepspeed_two_ranks_match_single_process(tmp_path, tiny_llama_dir, text_file, monkeypatch):
+@pytest.mark.parametrize("zero_stage,sample_every", [(2, "step"), (1, "micro_batch")])
+def test_deepspeed_two_ranks_match_single_process(tmp_path, tiny_llama_dir, text_file, monkeypatch, zero_stage,
+                                                  sample_every):
     import compressor.runs.learn as learn
 
-    base = {"evaluation.enabled": False, "train.grad_accum": 1, "train.steps": 3, "train.checkpoint_every": 3}
+    # one micro-batch per step: both sampling modes draw the same single sample per step
+    base = {"evaluation.enabled": False, "train.grad_accum": 1, "train.steps": 3, "train.checkpoint_every": 3,
+            "maskllm.sample_every": sample_every}
     real = learn.make_stream
     monkeypatch.setattr(learn, "make_stream", lambda cfg, tok, rank, world: _Interleaved(
         [real(cfg, tok, r, 2) for r in range(2)]))
@@ -152,7 +160,7 @@ def test_deepspeed_two_ranks_match_single_process(tmp_path, tiny_llama_dir, text
     monkeypatch.setattr(learn, "make_stream", real)
 
     double = _cfg(tiny_llama_dir, text_file, **{**base, "train.micro_batch_size": 1}, backend="deepspeed",
-                  deepspeed={"zero_stage": 2, "world_size": 2, "master_port": 29562})
+                  deepspeed={"zero_stage": zero_stage, "world_size": 2, "master_port": 29562 + zero_stage})
     report = launch_learn(double, tmp_path / "two")
     assert report["world_size"] == 2
     a = load_logits(tmp_path / "one" / "logits.safetensors")
