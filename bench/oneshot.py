@@ -26,6 +26,7 @@ ROWS = {
     "wanda": ("wanda.yaml", []),
     "sparsegpt": ("sparsegpt.yaml", []),
     "wanda+sparseswaps": ("sparseswaps.yaml", ["sparseswaps.warm_start=wanda"]),
+    "wanda+sparseswaps+refit": ("sparseswaps.yaml", ["sparseswaps.warm_start=wanda", "sparseswaps.refit=true"]),
     "sparsegpt-mask+sparseswaps": ("sparseswaps.yaml", ["sparseswaps.warm_start=sparsegpt"]),
 }
 
@@ -76,6 +77,12 @@ def main() -> None:
     args = ap.parse_args()
 
     results = [run_row(r, Path(args.out), args.max_windows, w, args.extra, args.reuse) for r in args.rows for w in args.workers]
+    # rows measured earlier and not re-run now stay in the table (the JSON says which run each came from)
+    fresh = {(r["row"], r["workers"]) for r in results}
+    if Path(args.json).is_file():
+        kept = [r for r in json.loads(Path(args.json).read_text())["results"] if (r["row"], r["workers"]) not in fresh]
+        results = sorted(kept + results, key=lambda r: (list(ROWS).index(r["row"]) if r["row"] in ROWS else 99,
+                                                        r["workers"]))
     for res in results:
         ref = REFERENCE.get(res["row"])
         if ref and res["perplexity"] and not res["eval_note"]:
