@@ -32,7 +32,8 @@ class RayExecutor(Executor):
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
             if cfg.address:
                 kwargs["address"] = cfg.address
-            else:
+            else:  # "local": a new cluster even if someone else's `ray start` runs on this machine
+                kwargs["address"] = "local"
                 kwargs["num_cpus"] = cfg.num_cpus or os.cpu_count()
                 kwargs["object_store_memory"] = cfg.object_store_mb * 1024 * 1024
             ray.init(**kwargs)
