@@ -1,0 +1,111 @@
+"""The config of distributed mask learning: megatron-core TP x PP x DP workers (placed by Ray)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import PositiveInt, field_validator, model_validator
+
+from compressor.config.base import StrictModel
+from compressor.eval.config import EvalConfig
+from compressor.methods.maskllm.config import MaskLLMConfig
+from compressor.models.config import ModelConfig
+from compressor.parallel.ray_config import RayWorkersConfig
+from compressor.training.config import TrainConfig
+
+ONE_SHOT_PRIORS = ("magnitude", "wanda", "sparsegpt", "sparseswaps")
+
+
+class DistributedPriorConfig(StrictModel):
+    """Where the initial logits come from: random, or the masks of an earlier run."""
+
+    kind: Literal["none", "file"] = "none"
+    path: Optional[str] = None  # masks.safetensors, or a `compressor prune` / `compressor learn` run folder
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _one_shot_needs_whole_model(cls, value: Any) -> Any:
+        if value in ONE_SHOT_PRIORS:
+            raise ValueError(
+                f"prior.kind={value!r} runs a one-shot method, which needs the whole model in one process; run "
+                f"`compressor prune` with method {value} first, then give its masks here with kind: file and "
+                "path: <that run folder or its masks.safetensors>")
+        return value
+
+    @model_validator(mode="after")
+    def _path_iff_file(self) -> "DistributedPriorConfig":
+        if (self.kind == "file") != (self.path is not None):
+            raise ValueError("give prior.path exactly when prior.kind is 'file'")
+        return self
+
+
+class ParallelConfig(StrictModel):
+    """world_size = tensor x pipeline x data; give ``data`` or ``world_size`` (the other follows)."""
+
+    tensor: PositiveInt = 1
+    pipeline: PositiveInt = 1
+    data: PositiveInt = 1
+    world_size: PositiveInt = 1
+    # Micro-batches of train.micro_batch_size per optimizer step and data-parallel rank (the 1F1B schedule
+    # pipelines them; >= pipeline keeps every stage busy). None = train.grad_accum.
+    micro_batches: Optional[PositiveInt] = None
+    timeout_minutes: PositiveInt = 30  # collectives (and a rank stuck in one) fail after this
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_sizes(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        tp, pp = data.get("tensor", 1), data.get("pipeline", 1)
+        if not (isinstance(tp, int) and isinstance(pp, int) and tp > 0 and pp > 0):
+            return data  # the field validators name the bad value
+        model = tp * pp
+        world, dp = data.get("world_size"), data.get("data")
+        if world is not None and dp is None:
+            if not isinstance(world, int) or world < 1 or world % model:
+                raise ValueError(f"parallel.world_size={world} is not a multiple of tensor ({tp}) x pipeline ({pp}) "
+                                 f"= {model}; use a world size of {model}, {2 * model}, ... or change tensor/pipeline")
+            data["data"] = world // model
+        elif world is None:
+            data["world_size"] = model * (dp if isinstance(dp, int) else 1)
+        elif isinstance(dp, int) and world != model * dp:
+            raise ValueError(f"parallel.world_size={world} != tensor ({tp}) x pipeline ({pp}) x data ({dp}) = "
+                             f"{model * dp}; give only one of world_size and data")
+        return data
+
+
+class DistributedLearnConfig(StrictModel):
+    model: ModelConfig = ModelConfig()
+    maskllm: MaskLLMConfig = MaskLLMConfig()
+    prior: DistributedPriorConfig = DistributedPriorConfig()
+    init_logits: Optional[str] = None  # transfer: logits.safetensors of an earlier run (overrides the prior)
+    # Regexes on HF linear names; a fused megatron linear (q/k/v, gate/up) is selected whole or not at all.
+    targets: list[str] = [".*"]
+    ignore: list[str] = []
+    train: TrainConfig = TrainConfig()
+    evaluation: EvalConfig = EvalConfig(max_windows=16)  # hard-mask perplexity every train.eval_every steps
+    parallel: ParallelConfig = ParallelConfig()
+    ray: RayWorkersConfig = RayWorkersConfig()
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.parallel.micro_batches or self.train.grad_accum
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistributedLearnConfig":
+        p, t = self.parallel, self.train
+        if p.micro_batches is not None and t.grad_accum not in (1, p.micro_batches):
+            raise ValueError(f"parallel.micro_batches={p.micro_batches} and train.grad_accum={t.grad_accum} both set "
+                             "the micro-batches per step; set only one of them")
+        if self.maskllm.train_weights:
+            raise ValueError("maskllm.train_weights is not supported by the distributed (megatron) trainer: "
+                             "the weights stay frozen there; use backend deepspeed in `compressor learn` for it")
+        if self.model.dtype == "float16":
+            raise ValueError("model.dtype float16 is not supported by the megatron trainer; use float32 or bfloat16")
+        if self.model.lazy:
+            raise ValueError("model.lazy does not apply here: each rank reads only its own shard of the weights; "
+                             "remove it")
+        if t.seq_len < 2:
+            raise ValueError("train.seq_len must be >= 2 (a window predicts its tokens 2..T from 1..T-1)")
+        return self

@@ -1,0 +1,109 @@
+"""train_rank end to end on two pipeline ranks: outputs the exporter reads, and an exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compressor.checkpoints.logits import load_logits, logits_to_masks
+from compressor.checkpoints.masks import load_masks
+from compressor.parallel.config import DistributedLearnConfig
+from compressor.sparsity import NM, assert_nm
+from tests.parallel.megatron_workers import run_ranks, train
+
+pytest.importorskip("megatron.core")
+pytestmark = pytest.mark.distributed
+
+
+def make_cfg(model_dir, text_file, steps: int, **parallel) -> DistributedLearnConfig:
+    constant = lambda v: {"start": v, "end": v, "kind": "constant"}  # noqa: E731  (independent of train.steps)
+    return DistributedLearnConfig.model_validate({
+        "model": {"source": str(model_dir)},
+        "maskllm": {"sparsity": "2:4", "tau": constant(2.0), "kappa": constant(200.0), "regularizer": constant(1e-3),
+                    "logits_lr": 0.05},
+        "train": {"data": {"source": str(text_file), "chunk_bytes": 4096}, "seq_len": 24, "micro_batch_size": 2,
+                  "grad_accum": 2, "steps": steps, "seed": 4, "shuffle_buffer": 4, "log_every": 1, "eval_every": 2,
+                  "checkpoint_every": 2},
+        "evaluation": {"data": {"source": str(text_file)}, "seq_len": 24, "max_windows": 4, "batch_size": 2},
+        "parallel": parallel,
+    })
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llama_dir, tmp_path_factory, wikitext_dir):
+    root = tmp_path_factory.mktemp("train")
+    text = root / "text.txt"
+    text.write_text((wikitext_dir / "wiki.valid.tokens").read_text()[:60_000])
+    out = root / "full"
+    run_ranks(train, 2, make_cfg(tiny_llama_dir, text, 4, pipeline=2), str(out))
+    return text, out
+
+
+def test_train_rank_writes_what_the_exporter_reads(uninterrupted, tiny_llama_dir):
+    from compressor.checkpoints.convert import open_source
+
+    _, out = uninterrupted
+    report = json.loads((out / "report.json").read_text())
+    assert report["parallel"] == {"tensor": 1, "pipeline": 2, "data": 1, "world_size": 2, "micro_batches": 2}
+    logs = report["history"]["logs"]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in logs)
+    assert {"tau", "kappa", "lambda", "max_prob", "flip_rate", "tokens_per_second"} <= set(logs[0])
+    assert [e["step"] for e in report["history"]["evals"]] == [2, 4] and report["perplexity"]["perplexity"] > 1
+    assert len(report["memory"]["peak_rss_bytes_per_rank"]) == 2
+
+    masks, logits = load_masks(out / "masks.safetensors"), load_logits(out / "logits.safetensors")
+    assert len(masks) == 14 and set(masks) == set(logits)  # 7 HF linears x 2 layers, HF names
+    assert masks["model.layers.1.mlp.down_proj.weight"].shape == (64, 128)
+    for name, mask in logits_to_masks(logits, "2:4").items():
+        assert torch.equal(mask, masks[name]), name
+        assert_nm(mask, NM(2, 4))
+    source = open_source(out)  # `compressor export <run>`: the base model with the learned masks applied
+    dense = load_file(str(tiny_llama_dir / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(source.get(name), dense[name] * masks[name])
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+
+
+def test_resume_continues_exactly(uninterrupted, tiny_llama_dir, tmp_path):
+    text, full = uninterrupted
+    out = tmp_path / "resumed"
+    run_ranks(train, 2, make_cfg(tiny_llama_dir, text, 2, pipeline=2), str(out))  # stops after step 2
+    first = json.loads((out / "report.json").read_text())["history"]["logs"]
+    assert [r["step"] for r in first] == [1, 2]
+    run_ranks(train, 2, make_cfg(tiny_llama_dir, text, 4, pipeline=2), str(out))  # resumes from step_0000002
+
+    a, b = load_logits(full / "logits.safetensors"), load_logits(out / "logits.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    want = json.loads((full / "report.json").read_text())["history"]
+    got = json.loads((out / "report.json").read_text())["history"]
+    assert [r["loss"] for r in got["logs"]] == [r["loss"] for r in want["logs"]]
+    assert [r["max_prob"] for r in got["logs"]] == [r["max_prob"] for r in want["logs"]]
+    assert got["evals"] == want["evals"]
+
+
+def test_resume_refuses_a_changed_config(uninterrupted, tiny_llama_dir, tmp_path):
+    import shutil
+
+    text, full = uninterrupted
+    out = tmp_path / "changed"
+    shutil.copytree(full, out, symlinks=True)
+    cfg = make_cfg(tiny_llama_dir, text, 6, pipeline=2)
+    cfg = cfg.model_copy(update={"maskllm": cfg.maskllm.model_copy(update={"logits_lr": 0.1})})
+    with pytest.raises(Exception, match="config differs from the saved run's in maskllm"):
+        run_ranks(train, 2, cfg, str(out))
+
+
+def test_parallel_sizes_are_validated_with_a_fix():
+    with pytest.raises(ValueError, match=r"world_size=3 is not a multiple of tensor \(2\) x pipeline \(1\)"):
+        DistributedLearnConfig.model_validate({"parallel": {"tensor": 2, "world_size": 3}})
+    assert DistributedLearnConfig.model_validate({"parallel": {"tensor": 2, "world_size": 4}}).parallel.data == 2
+    assert DistributedLearnConfig.model_validate({"parallel": {"pipeline": 2, "data": 3}}).parallel.world_size == 6
+    with pytest.raises(ValueError, match="needs the whole model in one process.*kind: file"):
+        DistributedLearnConfig.model_validate({"prior": {"kind": "sparsegpt"}})
+    with pytest.raises(ValueError, match="micro_batches=4 and train.grad_accum=2"):
+        DistributedLearnConfig.model_validate({"parallel": {"micro_batches": 4}, "train": {"grad_accum": 2}})
+    assert DistributedLearnConfig.model_validate({"parallel": {"micro_batches": 4}}).num_microbatches == 4
