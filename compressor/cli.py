@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, required=True)
     _output_args(p)
 
+    from compressor.launch import add_launch_arguments
+
+    p = sub.add_parser("launch", help="learn masks with megatron-core TP x PP x DP ranks scheduled by Ray")
+    add_launch_arguments(p, config_flag=True)
+
     p = sub.add_parser("eval", help="perplexity of a model or a run folder")
     _config_args(p, required=False)
     p.add_argument("--model", help="model source: run folder, HF folder, .gguf file, hub name or smollm2-135m")
@@ -81,6 +86,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 ppl = report.get("perplexity")
                 print(f"maskllm {report['sparsity']}: {len(report['history']['logs'])} log points"
                       + (f", hard-mask perplexity {ppl['perplexity']:.3f} ({ppl['windows']} windows)" if ppl else ""))
+        elif args.command == "launch":
+            from compressor.launch import run_from_args
+
+            return run_from_args(args)
         elif args.command == "eval":
             from compressor.runs.evaluate import EvalRunConfig, run_eval
 
