@@ -7,11 +7,8 @@ from typing import Any, Literal, Optional
 from pydantic import PositiveInt, field_validator, model_validator
 
 from compressor.config.base import StrictModel
-from compressor.eval.config import EvalConfig
-from compressor.methods.maskllm.config import MaskLLMConfig
-from compressor.models.config import ModelConfig
 from compressor.parallel.ray_config import RayWorkersConfig
-from compressor.training.config import TrainConfig
+from compressor.training.config import MaskLearningConfig
 
 ONE_SHOT_PRIORS = ("magnitude", "wanda", "sparsegpt", "sparseswaps")
 
@@ -75,16 +72,14 @@ class ParallelConfig(StrictModel):
         return data
 
 
-class DistributedLearnConfig(StrictModel):
-    model: ModelConfig = ModelConfig()
-    maskllm: MaskLLMConfig = MaskLLMConfig()
+class DistributedLearnConfig(MaskLearningConfig):
+    """`compressor launch`: megatron-core TP x PP x DP ranks placed by Ray.
+
+    ``targets`` / ``ignore`` match HF linear names; a fused megatron linear (q/k/v, gate/up) is selected
+    whole or not at all.
+    """
+
     prior: DistributedPriorConfig = DistributedPriorConfig()
-    init_logits: Optional[str] = None  # transfer: logits.safetensors of an earlier run (overrides the prior)
-    # Regexes on HF linear names; a fused megatron linear (q/k/v, gate/up) is selected whole or not at all.
-    targets: list[str] = [".*"]
-    ignore: list[str] = []
-    train: TrainConfig = TrainConfig()
-    evaluation: EvalConfig = EvalConfig(max_windows=16)  # hard-mask perplexity every train.eval_every steps
     parallel: ParallelConfig = ParallelConfig()
     ray: RayWorkersConfig = RayWorkersConfig()
 

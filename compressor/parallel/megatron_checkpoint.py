@@ -27,30 +27,23 @@ from compressor.errors import CheckpointError
 from compressor.parallel.megatron_convert import LlamaDims
 from compressor.parallel.megatron_masks import MaskSet, join_pieces, sharded_tensors
 from compressor.parallel.megatron_model import Layout
-from compressor.training.checkpoint import rng_state, set_rng_state
+from compressor.training import checkpoint as training_checkpoint
+from compressor.training.checkpoint import LATEST, rng_state, set_rng_state, step_dir
 from compressor.utils.fs import atomic_write_text
 from compressor.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-LATEST = "latest"
 LOGITS, EXP_AVG, EXP_AVG_SQ = "logits/", "optim/exp_avg/", "optim/exp_avg_sq/"
 
 
 def step_name(step: int) -> str:
-    return f"step_{step:07d}"
+    return step_dir(Path("."), step).name
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
-    root = Path(root)
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    folder = root / pointer.read_text().strip()
-    if not (folder / "metadata.json").is_file():
-        raise CheckpointError(f"{pointer} names {folder.name}, which is not a complete checkpoint; "
-                              f"delete {pointer} to start over")
-    return folder
+    # megatron's dist_checkpointing writes metadata.json into a finished checkpoint folder
+    return training_checkpoint.latest_checkpoint(root, complete_marker="metadata.json")
 
 
 def _adam_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, torch.Tensor]:

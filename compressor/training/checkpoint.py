@@ -70,13 +70,15 @@ def save_checkpoint(
     return folder
 
 
-def latest_checkpoint(root: str | Path) -> Optional[Path]:
+def latest_checkpoint(root: str | Path, complete_marker: str = "meta.json") -> Optional[Path]:
+    """The folder the ``latest`` pointer names, None before the first checkpoint; an error if the
+    folder lacks ``complete_marker`` (the file a checkpoint writes last)."""
     root = Path(root)
     pointer = root / LATEST
     if not pointer.is_file():
         return None
     folder = root / pointer.read_text().strip()
-    if not (folder / "meta.json").is_file():
+    if not (folder / complete_marker).is_file():
         raise CheckpointError(f"{pointer} names {folder.name}, which is incomplete; delete {pointer} to start over")
     return folder
 

@@ -48,15 +48,22 @@ class TrainConfig(StrictModel):
     keep_checkpoints: PositiveInt = 2
 
 
-class LearnConfig(StrictModel):
+class MaskLearningConfig(StrictModel):
+    """What every mask-learning run shares, whichever trainer runs it."""
+
     model: ModelConfig = ModelConfig()
     maskllm: MaskLLMConfig = MaskLLMConfig()
-    prior: PriorConfig = PriorConfig()
     init_logits: Optional[str] = None  # transfer: logits.safetensors of an earlier run (overrides the prior)
-    targets: list[str] = [".*"]
+    targets: list[str] = [".*"]  # regexes on linear names
     ignore: list[str] = []
     train: TrainConfig = TrainConfig()
-    evaluation: EvalConfig = EvalConfig(max_windows=16)
+    evaluation: EvalConfig = EvalConfig(max_windows=16)  # hard-mask perplexity every train.eval_every steps
+
+
+class LearnConfig(MaskLearningConfig):
+    """`compressor learn`: one process, or DeepSpeed data-parallel ranks."""
+
+    prior: PriorConfig = PriorConfig()
     backend: Literal["single", "deepspeed"] = "single"
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
 
