@@ -20,8 +20,8 @@ Seeds and layouts:
 - Gumbel noise is drawn per shard, from a generator seeded with the global layer name, the TP shard
   and the data-parallel rank: data-parallel replicas sample different masks (more samples per step),
   and layouts differ in their noise. Exact comparisons across layouts (tests) therefore use hard
-  masks, or soft masks with the noise switched off (``compressor.methods.maskllm.gumbel.sample_gumbel``
-  patched to zeros): then loss and logits gradients match a single process within float tolerance.
+  masks, or soft masks with the noise switched off (``compressor.methods.maskllm.set_noise(masks,
+  False)``): then loss and logits gradients match a single process within float tolerance.
 """
 
 from __future__ import annotations
@@ -204,8 +204,14 @@ def attach_sharded_masks(
 
 def masked_forward():
     """Wrap each forward pass: megatron's ColumnParallelLinear reads ``self.weight`` twice, and without the
-    parametrization cache every read would draw (and pay for) a new mask sample."""
+    parametrization cache every read would draw (and pay for) a new mask sample. (A held sample,
+    ``hold_samples``, is served to every read as it is, with or without the cache.)"""
     return parametrize.cached()
+
+
+def original_weights(model: torch.nn.Module, masks: MaskSet) -> dict[str, torch.Tensor]:
+    """{global mask name: this rank's unmasked weight shard (out, in)}, what ``hold_samples`` multiplies."""
+    return {name: model.get_submodule(s.module_path).parametrizations.weight.original for name, s in masks.items()}
 
 
 # -- HF-named pieces of the local shards ----------------------------------------------------------

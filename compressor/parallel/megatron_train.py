@@ -8,17 +8,20 @@ MASTER_ADDR, MASTER_PORT and LOCAL_RANK; each rank then:
 2. builds its pipeline stage of the GPTModel and reads only its shard of the HF weights;
 3. attaches its shard of the learnable masks (``megatron_masks``), from the prior if one is given;
 4. streams its data-parallel rank's disjoint windows (every rank of a replica reads the same ones);
-5. per optimizer step runs ``micro_batches`` micro-batches through megatron's forward/backward
-   schedule (1F1B across stages when PP > 1), averages the logits' gradients over data-parallel
-   replicas, and steps torch AdamW on its logits;
+5. per optimizer step (``step_gradients``) holds one Gumbel-Softmax sample of each of its masks
+   (``maskllm.sample_every: step``; ``micro_batch`` draws one per forward instead), runs
+   ``micro_batches`` micro-batches through megatron's forward/backward schedule (1F1B across stages
+   when PP > 1), backpropagates the held samples' accumulated gradient into the logits once, averages
+   the logits' gradients over data-parallel replicas, and steps torch AdamW on its logits;
 6. logs, evaluates the hard mask, checkpoints (``megatron_checkpoint``) like the single-process loop,
    resumes from the latest checkpoint if the output folder has one, and at the end rank 0 writes the
    HF-named ``logits.safetensors``, ``masks.safetensors`` and ``report.json``.
 
 The loss is the single-process loop's: the mean next-token loss of each micro-batch, minus lambda x the
-sparse-weight regulariser, averaged over micro-batches and replicas. Logits are not replicated across
-TP ranks (each owns its rows or columns, and its gradient is complete locally), so only data
-parallelism needs a gradient all-reduce; the frozen weights need none.
+sparse-weight regulariser, averaged over micro-batches and replicas (with a held sample the regulariser
+is that of the step's one sample). Logits are not replicated across TP ranks (each owns its rows or
+columns, and its gradient is complete locally), so only data parallelism needs a gradient all-reduce;
+the frozen weights need none.
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ import torch
 import torch.distributed as dist
 
 from compressor.errors import ConfigError, NonFiniteError
-from compressor.methods.maskllm import mask_stats, mask_train, set_schedule_state, sparse_weight_regularizer
+from compressor.methods.maskllm import (
+    hold_samples, mask_stats, mask_train, release_samples, set_schedule_state, sparse_weight_regularizer,
+    step_surrogate,
+)
 from compressor.parallel import megatron_checkpoint as ckpt
 from compressor.parallel.config import DistributedLearnConfig
 from compressor.parallel.megatron_convert import LlamaDims
 from compressor.parallel.megatron_masks import (
-    MaskSet, as_mask_dict, attach_sharded_masks, gather_hf, load_hf_logits, masked_forward,
+    MaskSet, as_mask_dict, attach_sharded_masks, gather_hf, load_hf_logits, masked_forward, original_weights,
 )
 from compressor.parallel.megatron_model import (
     Layout, build_gpt_model, destroy_model_parallel, init_distributed, init_model_parallel, load_hf_weights,
@@ -114,6 +120,40 @@ def forward_backward(model, masks: MaskSet, windows: Sequence[torch.Tensor], lam
     return run(forward_step_func=partial(_forward_step, masks, lam, len(windows)), data_iterator=data, model=model,
                num_microbatches=len(windows), seq_length=length - 1, micro_batch_size=batch,
                forward_only=forward_only)
+
+
+SAMPLE_EVERY = ("step", "micro_batch")
+
+
+def step_gradients(model, masks: MaskSet, windows: Sequence[torch.Tensor], lam: float, layout: Layout,
+                   sample_every: str = "step") -> list[dict[str, Any]]:
+    """One optimizer step's logits gradients on this rank, averaged over data-parallel replicas.
+
+    ``sample_every="step"``: each of this stage's masks holds one sample W * mask for the whole step;
+    every micro-batch forward reads it (both reads of a ColumnParallelLinear included) and every
+    backward, interleaved by 1F1B, accumulates into the same detached leaf. megatron divides each
+    micro-batch's loss by the number of micro-batches, so the leaf collects G = d(mean micro-batch
+    loss) / d(W * mask); one backward of ``step_surrogate`` (<W * mask, G> - lambda ||W * mask||^2)
+    then gives the logits the gradient of (mean loss - lambda x regulariser) for that one sample, as the
+    single-process loop does. The DP average below makes it the mean over replicas (whose noise differs).
+    ``"micro_batch"``: a fresh sample per forward, its regulariser fed in per micro-batch.
+    Returns the per-micro-batch loss records on the last stage ([] elsewhere).
+    """
+    if sample_every not in SAMPLE_EVERY:
+        raise ValueError(f"sample_every must be one of {SAMPLE_EVERY}, got {sample_every!r}")
+    if sample_every == "micro_batch":
+        records = forward_backward(model, masks, windows, lam)
+    else:
+        plain = as_mask_dict(masks)
+        held = hold_samples(original_weights(model, masks), plain)
+        try:
+            records = forward_backward(model, masks, windows, lam=0.0)  # the regulariser is in the surrogate
+        except BaseException:
+            release_samples(plain)  # a failed step must not leave the next forward on a stale sample
+            raise
+        step_surrogate(plain, held, lam).backward()
+    allreduce_logit_grads(masks, layout)
+    return records
 
 
 def allreduce_logit_grads(masks: MaskSet, layout: Layout) -> None:
@@ -352,12 +392,11 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
                            mcfg.regularizer.value_at(step, t.steps))
         set_schedule_state(plain, tau, kappa)
         windows = [stream.next_batch(t.micro_batch_size) for _ in range(n_mb)]  # each (B, T)
-        records = forward_backward(model, masks, windows, lam)
+        records = step_gradients(model, masks, windows, lam, layout, mcfg.sample_every)
         loss = global_loss(records, layout)
         if not math.isfinite(loss):
             raise NonFiniteError(f"non-finite loss at step {step}; the last good checkpoint in {root} is intact "
                                  "(lower maskllm.logits_lr or check the data and weights, then run again to resume)")
-        allreduce_logit_grads(masks, layout)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         window_loss += loss

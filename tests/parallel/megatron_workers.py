@@ -62,13 +62,6 @@ def save_tiny_hf(folder: Path, tied: bool, vocab: int = 96, seed: int = 0, **dim
     return folder
 
 
-def noise_off() -> None:
-    """Zero Gumbel noise: soft masks become softmax(kappa * logits / tau), identical in every layout."""
-    from compressor.methods.maskllm import gumbel
-
-    gumbel.sample_gumbel = lambda shape, generator=None, device=None: torch.zeros(shape, device=device)
-
-
 def setup(tp: int, pp: int, folder: str):
     """Process group, parallel state, this stage's model with the HF weights: (model, dims, layout, get)."""
     from compressor.parallel.megatron_model import (
@@ -122,17 +115,32 @@ def state_dict_and_logits(folder: str, out: str, tp: int, pp: int, ids: torch.Te
     teardown()
 
 
+SAMPLE_MODES = ("micro_batch", "step")
+
+
+def count_draws(mask, start: torch.Tensor, limit: int = 8) -> int:
+    """Gumbel samples ``mask`` drew since its generator was in state ``start`` (-1: more than ``limit``)."""
+    from compressor.methods.maskllm.gumbel import sample_gumbel
+
+    replay = torch.Generator().set_state(start)
+    for draws in range(limit + 1):
+        if torch.equal(replay.get_state(), mask.generator.get_state()):
+            return draws
+        sample_gumbel(mask.logits.shape, replay)
+    return -1
+
+
 def masked_step(folder: str, out: str, tp: int, pp: int, windows: torch.Tensor, n_mb: int, tau: float, kappa: float,
                 lam: float, seed: int) -> None:
-    """Initial logits, noise-free soft-mask loss and gradients, and hard-mask loss, all gathered in HF names.
+    """Initial logits; per ``sample_every`` mode the Gumbel draws of one noisy step and the noise-free soft-mask
+    loss and gradients; the hard-mask loss. Tensors are gathered in HF names.
 
     ``windows`` (DP * n_mb, B, T): data-parallel rank d runs micro-batches d * n_mb ... (d + 1) * n_mb - 1.
     """
-    from compressor.methods.maskllm import MaskLLMConfig, mask_train, set_schedule_state
+    from compressor.methods.maskllm import MaskLLMConfig, mask_train, set_noise, set_schedule_state
     from compressor.parallel.megatron_masks import as_mask_dict, attach_sharded_masks, gather_hf
-    from compressor.parallel.megatron_train import allreduce_logit_grads, forward_backward, global_loss
+    from compressor.parallel.megatron_train import forward_backward, global_loss, step_gradients
 
-    noise_off()
     model, dims, layout, _ = setup(tp, pp, folder)
     masks = attach_sharded_masks(model, dims, layout, MaskLLMConfig(sparsity="2:4"), seed=seed)
     initial = gather_hf(masks, dims, layout, lambda m: m.logits.detach())
@@ -141,17 +149,32 @@ def masked_step(folder: str, out: str, tp: int, pp: int, windows: torch.Tensor, 
     plain = as_mask_dict(masks)
     set_schedule_state(plain, tau, kappa)
     model.train()
-    soft_loss = global_loss(forward_backward(model, masks, mine, lam), layout)
-    allreduce_logit_grads(masks, layout)
-    grads = gather_hf(masks, dims, layout, lambda m: m.logits.grad)
+    draws: dict[str, list[int]] = {}
+    for mode in SAMPLE_MODES:  # with noise: how many samples each mask draws in one step
+        states = {n: m.generator.get_state() for n, m in plain.items()}
+        step_gradients(model, masks, mine, lam, layout, mode)
+        counts = sorted({count_draws(m, states[n]) for n, m in plain.items()})
+        gathered: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, counts)
+        draws[mode] = sorted({c for rank in gathered for c in rank})
+        for m in plain.values():
+            m.logits.grad = None
+
+    set_noise(plain, False)  # soft masks softmax(kappa * logits / tau): the same in every layout
+    soft_loss, grads = {}, {}
+    for mode in SAMPLE_MODES:
+        soft_loss[mode] = global_loss(step_gradients(model, masks, mine, lam, layout, mode), layout)
+        grads[mode] = gather_hf(masks, dims, layout, lambda m: m.logits.grad.clone())
+        for m in plain.values():
+            m.logits.grad = None
 
     model.eval()
     mask_train(plain, False)
     with torch.no_grad():
         hard_loss = global_loss(forward_backward(model, masks, mine, forward_only=True), layout)
     hard = gather_hf(masks, dims, layout, lambda m: m.hard_mask())
-    save_result(out, {"initial": initial, "soft_loss": soft_loss, "grads": grads, "hard_loss": hard_loss,
-                      "hard": hard, "layout": (layout.tp_size, layout.pp_size, layout.dp_size)})
+    save_result(out, {"initial": initial, "draws": draws, "soft_loss": soft_loss, "grads": grads,
+                      "hard_loss": hard_loss, "hard": hard, "layout": (layout.tp_size, layout.pp_size, layout.dp_size)})
     teardown()
 
 

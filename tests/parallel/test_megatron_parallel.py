@@ -1,8 +1,10 @@
 """TP=2, PP=2 and DP=2 megatron ranks learn exactly what one HF process learns: same initial logits, loss,
-logits gradients (regulariser included) and hard masks.
+logits gradients (regulariser included) and hard masks, whether a step holds one mask sample for all its
+micro-batches (``sample_every: step``) or samples per forward (``micro_batch``).
 
-The Gumbel noise is switched off on both sides (it is drawn per shard, so layouts differ in it by
-design); the soft masks are then softmax(kappa * logits / tau) everywhere.
+The Gumbel noise is switched off on both sides for the comparison (it is drawn per shard, so layouts
+differ in it by design); the soft masks are then softmax(kappa * logits / tau) everywhere. With the noise
+on, the ranks' generators show how many samples a step drew.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.methods.maskllm import MaskLLMConfig, attach_masks, mask_train, set_schedule_state
-from compressor.methods.maskllm import sparse_weight_regularizer
-from tests.parallel.megatron_workers import masked_step, run_ranks, save_tiny_hf
+from compressor.methods.maskllm import (
+    MaskLLMConfig, attach_masks, hold_samples, mask_train, set_noise, set_schedule_state, step_surrogate,
+)
+from tests.parallel.megatron_workers import SAMPLE_MODES, masked_step, run_ranks, save_tiny_hf
 
 pytest.importorskip("megatron.core")
 
@@ -21,24 +24,25 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.up_proj", "mlp.down_proj")
 
 
-def reference(folder, windows: torch.Tensor, lam: float, monkeypatch) -> dict:
-    """One HF process: attach_masks, noise-free soft-mask loss over all micro-batches, then hard masks."""
+def reference(folder, windows: torch.Tensor, lam: float) -> dict:
+    """One HF process, as the single-process loop steps: one noise-free sample held for all micro-batches
+    (mean loss), one backward of the step surrogate (regulariser included); then the hard masks."""
     from transformers import AutoModelForCausalLM
 
-    from compressor.methods.maskllm import gumbel
-
-    monkeypatch.setattr(gumbel, "sample_gumbel", lambda shape, generator=None, device=None: torch.zeros(shape))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     names = [f"model.layers.{i}.{rel}" for i in range(model.config.num_hidden_layers) for rel in LINEARS]
     masks = attach_masks(model, names, MaskLLMConfig(sparsity="2:4"), seed=SEED)
     initial = {f"{n}.weight": m.logits.detach().clone() for n, m in masks.items()}
     set_schedule_state(masks, TAU, KAPPA)
     mask_train(masks, True)
+    set_noise(masks, False)
+    held = hold_samples(model, masks)
     losses = []
     for window in windows:
         lm = model(input_ids=window, labels=window).loss
-        ((lm - lam * sparse_weight_regularizer(masks)) / len(windows)).backward()
+        (lm / len(windows)).backward()
         losses.append(float(lm.detach()))
+    step_surrogate(masks, held, lam).backward()
     grads = {f"{n}.weight": m.logits.grad.clone() for n, m in masks.items()}
     mask_train(masks, False)
     with torch.no_grad():
@@ -58,30 +62,39 @@ def windows():
     return torch.randint(0, 96, (2, 2, 16), generator=torch.Generator().manual_seed(5))  # (micro-batches, B, T)
 
 
-def test_regulariser_changes_the_reference_gradient(tiny_folder, windows, monkeypatch):
+@pytest.fixture(scope="module")
+def want(tiny_folder, windows):
+    return reference(tiny_folder, windows, LAM)
+
+
+def test_regulariser_changes_the_reference_gradient(tiny_folder, windows, want):
     # Otherwise the equality below would not show that each stage's regulariser reaches its logits.
-    with_reg = reference(tiny_folder, windows, LAM, monkeypatch)["grads"]
-    without = reference(tiny_folder, windows, 0.0, monkeypatch)["grads"]
-    for name in with_reg:
-        assert (with_reg[name] - without[name]).abs().max() > 1e-3 * with_reg[name].abs().max(), name
+    without = reference(tiny_folder, windows, 0.0)["grads"]
+    for name, with_reg in want["grads"].items():
+        assert (with_reg - without[name]).abs().max() > 1e-3 * with_reg.abs().max(), name
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["tp2", "pp2", "dp2"])
-def test_parallel_layout_matches_single_process(tmp_path, tiny_folder, windows, monkeypatch, tp, pp, dp):
+def test_parallel_layout_matches_single_process(tmp_path, tiny_folder, windows, want, tp, pp, dp):
     n_mb = windows.shape[0] // dp  # DP replicas split the micro-batches; the global batch is the same
     run_ranks(masked_step, tp * pp * dp, str(tiny_folder), str(tmp_path), tp, pp, windows, n_mb, TAU, KAPPA, LAM, SEED)
     got = torch.load(tmp_path / "result.pt", weights_only=False)
-    want = reference(tiny_folder, windows, LAM, monkeypatch)
 
     assert got["layout"] == (tp, pp, dp)
-    assert set(got["initial"]) == set(want["initial"]) == set(got["grads"])
+    # Every mask of every rank drew one sample per step when holding, one per forward otherwise (the
+    # ColumnParallelLinear's two reads of its weight see one sample either way).
+    assert got["draws"] == {"micro_batch": [n_mb], "step": [1]}
+    assert set(got["initial"]) == set(want["initial"])
     for name, value in want["initial"].items():  # the single-process trainer's initial logits, bit for bit
         assert torch.equal(got["initial"][name], value), name
-    assert got["soft_loss"] == pytest.approx(want["soft_loss"], rel=1e-6)
-    for name, value in want["grads"].items():
-        assert value.abs().max() > 0, name
-        torch.testing.assert_close(got["grads"][name], value, rtol=1e-4, atol=1e-4 * float(value.abs().max()))
+    for mode in SAMPLE_MODES:
+        assert set(got["grads"][mode]) == set(want["grads"]), mode
+        assert got["soft_loss"][mode] == pytest.approx(want["soft_loss"], rel=1e-6), mode
+        for name, value in want["grads"].items():
+            assert value.abs().max() > 0, name
+            torch.testing.assert_close(got["grads"][mode][name], value, rtol=1e-4,
+                                       atol=1e-4 * float(value.abs().max()), msg=lambda m: f"{mode} {name}: {m}")
     assert got["hard_loss"] == pytest.approx(want["hard_loss"], rel=1e-6)
     for name, value in want["hard"].items():
         assert torch.equal(got["hard"][name], value), name

@@ -85,6 +85,12 @@ def set_schedule_state(masks: Masks, tau: float, kappa: float) -> None:
         m.set_schedule(tau, kappa)
 
 
+def set_noise(masks: Masks, enabled: bool) -> None:
+    """Gumbel noise in every mask's training samples, or none: softmax(kappa * logits / tau), deterministic."""
+    for m in masks.values():
+        m.set_noise(enabled)
+
+
 def mask_train(masks: Masks, learning: bool) -> None:
     """Soft Gumbel-Softmax masks (learning) or argmax masks (evaluation, export)."""
     for m in masks.values():
@@ -116,14 +122,30 @@ def sparse_weight_regularizer(source: Union[nn.Module, Mapping[str, NMMaskParame
     return torch.stack(terms).sum()
 
 
-def hold_samples(model: nn.Module, masks: Masks) -> Masks | dict[str, torch.Tensor]:
+def hold_samples(source: Union[nn.Module, Mapping[str, torch.Tensor]], masks: Masks) -> dict[str, torch.Tensor]:
     """Draw one soft sample per mask for a whole optimizer step: {name: W * mask with its graph}.
 
-    Every forward until ``step_surrogate`` reuses the sample, so the cost of sampling (and of its
-    backward) is paid once per step instead of once per micro-batch.
+    ``source`` is the model the masks were attached to by name (``attach_masks``), or the unmasked
+    weights W (out, in) by mask name, for masks whose names are not module paths of one model (a
+    megatron pipeline stage names them globally). Every forward until ``step_surrogate`` reuses the
+    sample, so the cost of sampling (and of its backward) is paid once per step instead of once per
+    micro-batch.
     """
-    return {name: m.hold_sample(model.get_submodule(name).parametrizations.weight.original)
-            for name, m in masks.items()}
+    if isinstance(source, nn.Module):
+        weights = {name: source.get_submodule(name).parametrizations.weight.original for name in masks}
+    else:
+        missing = [name for name in masks if name not in source]
+        if missing:
+            raise ValueError(f"hold_samples: no weight given for mask {missing[0]!r} "
+                             f"({len(missing)} of {len(masks)} missing)")
+        weights = dict(source)
+    return {name: m.hold_sample(weights[name]) for name, m in masks.items()}
+
+
+def release_samples(masks: Masks) -> None:
+    """Drop held samples without using them (a step that failed before ``step_surrogate``)."""
+    for m in masks.values():
+        m.release_sample()
 
 
 def step_surrogate(masks: Masks, held: Mapping[str, torch.Tensor], lam: float) -> torch.Tensor:

@@ -93,16 +93,22 @@ def gumbel_soft_mask(
     kappa: float,
     patterns: torch.Tensor,
     generator: Optional[torch.Generator] = None,
+    noise: bool = True,
 ) -> torch.Tensor:
     """(out, G, C) logits -> (out, G * M) float32 soft mask of one Gumbel-Softmax sample.
 
     Equal to ``soft_mask(gumbel_softmax_probs(logits, tau, kappa, generator), patterns)`` (same noise
     for the same generator state) but fused: a third of the memory kept for backward and faster on CPU.
+    ``noise=False`` gives the deterministic soft mask of softmax(kappa * logits / tau) and leaves the
+    generator untouched.
     """
     if not tau > 0:
         raise ValueError(f"Gumbel-Softmax temperature tau must be > 0, got {tau}")
-    noise = sample_gumbel(logits.shape, generator, logits.device)  # (out, G, C)
-    return _GumbelSoftMask.apply(logits, noise, patterns.to(torch.float32), float(tau), float(kappa))
+    if noise:
+        gumbel = sample_gumbel(logits.shape, generator, logits.device)  # (out, G, C)
+    else:
+        gumbel = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)  # (out, G, C)
+    return _GumbelSoftMask.apply(logits, gumbel, patterns.to(torch.float32), float(tau), float(kappa))
 
 
 def soft_mask(probs: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:

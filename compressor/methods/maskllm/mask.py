@@ -8,6 +8,8 @@ locally, so a RowParallelLinear shard's input width must be divisible by M.)
 The module's own train/eval mode picks the mask: training -> a Gumbel-Softmax sample (soft),
 eval -> the argmax pattern (hard). ``model.train()``/``model.eval()`` reach it like any submodule;
 ``register_parametrization`` copies the host module's mode (``attach_masks`` then sets eval).
+``noise = False`` (``set_noise``) makes training masks deterministic, softmax(kappa * logits / tau): the
+same in every process layout, which is what exact cross-layout tests compare.
 
 Not supported: activation checkpointing around masked layers. A recomputed forward draws new noise
 from ``generator``, so its mask would differ from the one the loss saw.
@@ -45,6 +47,7 @@ class NMMaskParametrization(nn.Module):
         seed: int = 0,
         name: str = "layer",
         device: torch.device | str | None = None,
+        noise: bool = True,
     ) -> None:
         super().__init__()
         check_divisible(in_features, nm.m, f"{name} (learnable {nm} mask)")
@@ -61,6 +64,8 @@ class NMMaskParametrization(nn.Module):
         )
         self.logits = nn.Parameter((init * init_std).to(dtype))
         self.tau, self.kappa = 4.0, 100.0
+        # False: soft masks without Gumbel noise (deterministic; the generator is not advanced).
+        self.noise = bool(noise)
         # W * mask of the latest training forward, kept for the sparse-weight regulariser.
         self.last_masked: Optional[torch.Tensor] = None
         # A sample held for all micro-batches of one optimizer step (see ``hold_sample``).
@@ -77,9 +82,8 @@ class NMMaskParametrization(nn.Module):
             return weight * hard_mask(self.logits, self.patterns).to(weight.dtype)
         if self.held is not None:
             return self.held
-        masked = weight * gumbel_soft_mask(self.logits, self.tau, self.kappa, self.patterns, self.generator).to(
-            weight.dtype
-        )  # (out, in)
+        soft = gumbel_soft_mask(self.logits, self.tau, self.kappa, self.patterns, self.generator, noise=self.noise)
+        masked = weight * soft.to(weight.dtype)  # (out, in)
         self.last_masked = masked
         return masked
 
@@ -107,6 +111,10 @@ class NMMaskParametrization(nn.Module):
             self.last_masked = None  # do not hold a weight-sized tensor while evaluating
             self.held = None
         return super().train(mode)
+
+    def set_noise(self, enabled: bool) -> None:
+        """Gumbel noise in training samples (the default) or deterministic soft masks (tests, diagnostics)."""
+        self.noise = bool(enabled)
 
     def set_schedule(self, tau: float, kappa: float) -> None:
         """Temperature and logit scale of the next samples (the trainer sets them every step)."""
@@ -173,4 +181,5 @@ class NMMaskParametrization(nn.Module):
         return float(torch.softmax(self.kappa * self.logits.float(), dim=-1).amax(dim=-1).mean())
 
     def extra_repr(self) -> str:
-        return f"{self.name}, {self.nm}, logits {tuple(self.logits.shape)} {self.logits.dtype}"
+        noise = "" if self.noise else ", noise off"
+        return f"{self.name}, {self.nm}, logits {tuple(self.logits.shape)} {self.logits.dtype}{noise}"

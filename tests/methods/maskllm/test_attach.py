@@ -7,8 +7,8 @@ from torch import nn
 from compressor.errors import SparsityPatternError
 from compressor.methods.magnitude import magnitude_mask
 from compressor.methods.maskllm import (
-    MaskLLMConfig, attach_masks, hold_samples, layer_seed, mask_memory_bytes, mask_stats, mask_train, remove_masks,
-    set_schedule_state, sparse_weight_regularizer, step_surrogate,
+    MaskLLMConfig, attach_masks, hold_samples, layer_seed, mask_memory_bytes, mask_stats, mask_train, release_samples,
+    remove_masks, set_noise, set_schedule_state, sparse_weight_regularizer, step_surrogate,
 )
 from compressor.methods.maskllm.gumbel import gumbel_softmax_probs, soft_mask
 from compressor.sparsity import NM, assert_nm
@@ -83,6 +83,25 @@ def test_a_held_sample_gives_the_gradient_of_one_sample_shared_by_all_micro_batc
     assert len(got) == len(expected) and all(e.abs().sum() > 0 for e in expected)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_hold_samples_takes_the_weights_by_mask_name_and_noise_off_is_deterministic():
+    # Megatron names masks globally, not by module path: it hands hold_samples the unmasked weights.
+    model = _tiny_llama()
+    masks = attach_masks(model, LINEARS[:3], MaskLLMConfig())
+    mask_train(masks, True)
+    set_noise(masks, False)
+    weights = {n: model.get_submodule(n).parametrizations.weight.original for n in masks}
+    by_name = hold_samples(weights, masks)
+    assert all(model.get_submodule(n).weight is m.held for n, m in masks.items())  # every read serves the sample
+    release_samples(masks)
+    assert all(m.held is None for m in masks.values())
+    by_model = hold_samples(model, masks)  # noise off: the same sample again, and the same as a plain forward
+    release_samples(masks)
+    for n in masks:
+        assert torch.equal(by_name[n], by_model[n]) and torch.equal(by_model[n], model.get_submodule(n).weight)
+    with pytest.raises(ValueError, match=f"no weight given for mask '{LINEARS[1]}'"):
+        hold_samples({LINEARS[0]: weights[LINEARS[0]]}, masks)
 
 
 def test_train_weights_lets_the_masked_weights_learn():

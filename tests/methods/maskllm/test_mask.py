@@ -88,6 +88,27 @@ def test_eval_mode_is_a_plain_linear_with_the_hard_mask_and_training_is_soft():
         mask.set_schedule(0.0, 100.0)
 
 
+def test_noise_off_gives_the_deterministic_soft_mask_and_leaves_the_generator_alone():
+    lin = nn.Linear(16, 8, bias=False)
+    w = lin.weight.detach().clone()
+    mask = NMMaskParametrization(8, 16, NM(2, 4), seed=5, noise=False)
+    parametrize.register_parametrization(lin, "weight", mask)
+    lin.train()
+    mask.set_schedule(2.0, 100.0)
+    state = mask.generator.get_state()
+    probs = torch.softmax(100.0 * mask.logits.detach() / 2.0, dim=-1)  # (out, G, C): no Gumbel noise
+    first, second = lin.weight, lin.weight  # two reads, two forwards of the parametrization
+    torch.testing.assert_close(first, w * soft_mask(probs, mask.patterns), rtol=1e-6, atol=1e-7)
+    assert torch.equal(first, second) and torch.equal(mask.generator.get_state(), state)
+    assert "noise off" in repr(mask)
+    mask.set_noise(True)  # back on: a Gumbel sample from the untouched generator
+    noisy = w * soft_mask(gumbel_softmax_probs(mask.logits, 2.0, 100.0, torch.Generator().set_state(state)),
+                          mask.patterns)
+    torch.testing.assert_close(lin.weight, noisy, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(noisy, first)
+    assert NMMaskParametrization(8, 16, NM(2, 4)).noise  # noise is the default
+
+
 class ParallelLinearLike(nn.Module):
     """Shaped like megatron's Column/RowParallelLinear: forward reads self.weight, returns (out, bias)."""
 
