@@ -16,7 +16,7 @@ from compressor.checkpoints.logits import load_logits, save_logits
 from compressor.checkpoints.masks import load_masks, save_masks
 from compressor.errors import ConfigError
 from compressor.execution.base import InProcessExecutor
-from compressor.methods.maskllm import attach_masks, mask_memory_bytes, remove_masks
+from compressor.methods.maskllm import attach_masks, mask_memory_bytes, prior_agreement, remove_masks
 from compressor.methods.registry import STATS_NEEDED
 from compressor.models.checks import assert_finite_weights
 from compressor.models.layers import prunable_linears
@@ -98,6 +98,11 @@ def run_learn(cfg: LearnConfig, output: str | Path, overwrite: bool = False, res
     masks = attach_masks(model, [n[: -len(".weight")] for n in names], cfg.maskllm, priors, seed=cfg.train.seed)
     if cfg.init_logits:
         _load_transfer_logits(masks, cfg.init_logits)
+    agreement = prior_agreement(masks, priors) if priors is not None else None
+    if agreement is not None:
+        (log.warning if agreement < 0.99 else log.info)(
+            "the initial hard mask keeps the prior's pattern in %.2f%% of groups%s", 100 * agreement,
+            "; raise maskllm.prior_strength to start from the prior itself" if agreement < 0.99 else "")
     params = [{"params": [m.logits for m in masks.values()], "lr": cfg.maskllm.logits_lr}]
     if cfg.maskllm.train_weights:
         weights = [model.get_submodule(n).parametrizations.weight.original for n in masks]
@@ -119,7 +124,7 @@ def run_learn(cfg: LearnConfig, output: str | Path, overwrite: bool = False, res
     report: dict[str, Any] = {"method": "maskllm", "sparsity": str(cfg.maskllm.sparsity), "model": {"source": cfg.model.source},
                               "config": cfg.model_dump(mode="json"), "backend": cfg.backend, "world_size": backend.world_size,
                               "history": {"logs": history.logs, "evals": history.evals},
-                              "memory_per_masked_weight": mask_memory_bytes(masks)}
+                              "memory_per_masked_weight": mask_memory_bytes(masks), "prior_agreement": agreement}
     with timer.phase("save"):
         hard = {f"{name}.weight": m.hard_mask() for name, m in masks.items()}
         save_masks(out / "masks.safetensors", hard, str(cfg.maskllm.sparsity))

@@ -7,8 +7,8 @@ from torch import nn
 from compressor.errors import SparsityPatternError
 from compressor.methods.magnitude import magnitude_mask
 from compressor.methods.maskllm import (
-    MaskLLMConfig, attach_masks, hold_samples, layer_seed, mask_memory_bytes, mask_stats, mask_train, release_samples,
-    remove_masks, set_noise, set_schedule_state, sparse_weight_regularizer, step_surrogate,
+    MaskLLMConfig, attach_masks, hold_samples, layer_seed, mask_memory_bytes, mask_stats, mask_train, prior_agreement,
+    release_samples, remove_masks, set_noise, set_schedule_state, sparse_weight_regularizer, step_surrogate,
 )
 from compressor.methods.maskllm.gumbel import gumbel_softmax_probs, soft_mask
 from compressor.sparsity import NM, assert_nm
@@ -141,6 +141,11 @@ def test_priors_seed_the_masks_and_bad_layers_are_named():
     masks = attach_masks(model, LINEARS, MaskLLMConfig(prior_strength=20.0), priors)
     for n, m in masks.items():
         assert torch.equal(m.hard_mask(), priors[f"{n}.weight"])
+    assert prior_agreement(masks, priors) == 1.0
+    # strength 3 with random logits: most groups, not all, start on the prior's pattern (chance is 1/6)
+    weak = attach_masks(_tiny_llama(), LINEARS, MaskLLMConfig(prior_strength=3.0), priors)
+    assert 0.8 < prior_agreement(weak, priors) < 0.99
+    assert prior_agreement(attach_masks(_tiny_llama(), LINEARS, MaskLLMConfig(prior_strength=0.0), priors), priors) < 0.3
     assert masks[LINEARS[0]].seed == layer_seed(0, LINEARS[0]) != masks[LINEARS[1]].seed
     fresh = _tiny_llama()
     with pytest.raises(ValueError, match="no prior mask for layer model.layers.0.mlp.up_proj"):
