@@ -50,6 +50,7 @@ from compressor.parallel.megatron_model import (
     Layout, build_gpt_model, destroy_model_parallel, init_distributed, init_model_parallel, load_hf_weights,
     open_hf_folder,
 )
+from compressor.training.loop import log_row, schedule_at
 from compressor.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -388,8 +389,7 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
     train_start = time.perf_counter()
     for step in range(start, t.steps):
-        tau, kappa, lam = (mcfg.tau.value_at(step, t.steps), mcfg.kappa.value_at(step, t.steps),
-                           mcfg.regularizer.value_at(step, t.steps))
+        tau, kappa, lam = schedule_at(mcfg, step, t.steps)
         set_schedule_state(plain, tau, kappa)
         windows = [stream.next_batch(t.micro_batch_size) for _ in range(n_mb)]  # each (B, T)
         records = step_gradients(model, masks, windows, lam, layout, mcfg.sample_every)
@@ -406,10 +406,8 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
             stats = global_mask_stats(masks, prev_argmax)
             prev_argmax = {n: m.argmax_patterns() for n, m in plain.items()}
             seconds = _max_over_ranks(time.perf_counter() - window_start)  # one value for every rank's history
-            row = {"step": done, "tokens": done * tokens_per_step, "loss": window_loss / window_steps, "tau": tau,
-                   "kappa": kappa, "lambda": lam, "max_prob": stats["max_prob"], "flip_rate": stats["flip_rate"],
-                   "seconds_per_step": seconds / window_steps,
-                   "tokens_per_second": tokens_per_step * window_steps / seconds}
+            row = log_row(done, tokens_per_step, window_loss / window_steps, (tau, kappa, lam), stats, seconds,
+                          window_steps)
             history["logs"].append(row)
             if rank0:
                 log.info("step %d: loss %.4f tau %.3f kappa %.1f max_prob %.4f flips %.5f", done, row["loss"], tau,

@@ -36,7 +36,8 @@ class History:
     evals: list[dict[str, float]] = field(default_factory=list)  # hard-mask perplexity
 
 
-def _schedule(mcfg: MaskLLMConfig, step: int, total: int) -> tuple[float, float, float]:
+def schedule_at(mcfg: MaskLLMConfig, step: int, total: int) -> tuple[float, float, float]:
+    """(tau, kappa, lambda) for ``step`` of ``total``."""
     return (mcfg.tau.value_at(step, total), mcfg.kappa.value_at(step, total), mcfg.regularizer.value_at(step, total))
 
 
@@ -79,7 +80,7 @@ def train_masks(
     window_loss = torch.zeros((), dtype=torch.float64)
     window_steps, window_start = 0, time.perf_counter()
     for step in range(start, tcfg.steps):
-        tau, kappa, lam = _schedule(mcfg, step, tcfg.steps)
+        tau, kappa, lam = schedule_at(mcfg, step, tcfg.steps)
         set_schedule_state(masks, tau, kappa)
         step_loss = torch.zeros((), dtype=torch.float64)
         per_step = mcfg.sample_every == "step"
@@ -108,10 +109,8 @@ def train_masks(
             stats = mask_stats(masks, prev_argmax)
             prev_argmax = {n: m.argmax_patterns() for n, m in masks.items()}
             seconds = time.perf_counter() - window_start
-            row = {"step": done, "tokens": done * tokens_per_step, "loss": float(window_loss / window_steps),
-                   "tau": tau, "kappa": kappa, "lambda": lam, "max_prob": stats["max_prob"],
-                   "flip_rate": stats["flip_rate"], "seconds_per_step": seconds / window_steps,
-                   "tokens_per_second": tokens_per_step * window_steps / seconds}
+            row = log_row(done, tokens_per_step, float(window_loss / window_steps), (tau, kappa, lam), stats,
+                          seconds, window_steps)
             history.logs.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tau=f"{tau:.2f}", flips=f"{row['flip_rate']:.4f}")
             window_loss.zero_()
@@ -127,6 +126,15 @@ def train_masks(
     bar.close()
     mask_train(masks, False)
     return history
+
+
+def log_row(done: int, tokens_per_step: int, loss: float, schedule: tuple[float, float, float],
+            stats: dict[str, float], seconds: float, steps: int) -> dict[str, float]:
+    """One history row: the window's mean loss, the schedule, mask statistics and throughput."""
+    tau, kappa, lam = schedule
+    return {"step": done, "tokens": done * tokens_per_step, "loss": loss, "tau": tau, "kappa": kappa, "lambda": lam,
+            "max_prob": stats["max_prob"], "flip_rate": stats["flip_rate"], "seconds_per_step": seconds / steps,
+            "tokens_per_second": tokens_per_step * steps / seconds}
 
 
 def backend_grad_accum(mcfg: MaskLLMConfig, tcfg: TrainConfig) -> int:
