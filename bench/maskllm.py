@@ -44,6 +44,73 @@ def plain_step_seconds(seq_len: int, batch: int, repeats: int = 3) -> float:
     return times[len(times) // 2]
 
 
+def step_ratio(seq_len: int, batch: int, accums: list[int], repeats: int = 2) -> dict:
+    """In one process, back to back: a plain frozen forward+backward per micro-batch against a mask
+    step (hold one sample, k masked micro-batches, one surrogate backward, AdamW), for each k in
+    ``accums``; also the parts, to show where the time goes."""
+    import statistics
+
+    import torch
+
+    from compressor.methods.maskllm import (
+        MaskLLMConfig, attach_masks, hold_samples, mask_train, set_schedule_state, step_surrogate,
+    )
+    from compressor.models import load_model
+    from compressor.models.layers import prunable_linears
+    from compressor.training.backends import adamw
+
+    loaded = load_model("smollm2-135m")
+    model = loaded.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def plain() -> None:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, labels=ids).loss.backward()
+
+    plain_s = timed(plain)
+    names = [t.name for t in prunable_linears(model, loaded.arch, [".*"], [])]
+    masks = attach_masks(model, names, MaskLLMConfig())
+    mask_train(masks, True)
+    set_schedule_state(masks, 4.0, 100.0)
+    optimizer = adamw([{"params": [m.logits for m in masks.values()], "lr": 1e-4}])
+    parts: dict[str, float] = {}
+
+    def step(k: int, record: bool = False) -> None:
+        t0 = time.perf_counter()
+        held = hold_samples(model, masks)
+        t1 = time.perf_counter()
+        for _ in range(k):
+            (model(input_ids=ids, labels=ids, use_cache=False).loss / k).backward()
+        t2 = time.perf_counter()
+        step_surrogate(masks, held, 1e-5).backward()
+        t3 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if record:
+            parts.update(hold_sample=t1 - t0, masked_micro_batch=(t2 - t1) / k, surrogate_backward=t3 - t2,
+                         optimizer=time.perf_counter() - t3)
+
+    out = {"plain_fwd_bwd_seconds": plain_s, "ratios": {}}
+    for k in accums:
+        seconds = timed(lambda: step(k))
+        out["ratios"][str(k)] = round(seconds / (k * plain_s), 3)
+    step(1, record=True)
+    out["parts_seconds"] = {k: round(v, 3) for k, v in parts.items()}
+    out["masked_micro_vs_plain"] = round(parts["masked_micro_batch"] / plain_s, 3)
+    return out
+
+
 def run_row(name: str, out: Path, sets: list[str]) -> dict:
     cmd = [sys.executable, "-m", "compressor.cli", "learn", "--config", str(CONFIG), "--output", str(out), "--overwrite"]
     cmd += [a for s in sets for a in ("--set", s)]
@@ -54,7 +121,7 @@ def run_row(name: str, out: Path, sets: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prior-run", required=True, help="a `compressor prune --config configs/prune/sparsegpt.yaml` run")
+    ap.add_argument("--prior-run", help="a `compressor prune --config configs/prune/sparsegpt.yaml` run")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=2)
@@ -65,7 +132,19 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=32, help="quick variant of the perplexity (first N windows)")
     ap.add_argument("--rows", nargs="+", default=["sparsegpt-prior", "no-prior"])
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-maskllm"))
+    ap.add_argument("--ratio-only", nargs="*", type=int, metavar="K",
+                    help="only measure the step time against plain forward+backward for K micro-batches per step")
     args = ap.parse_args()
+    if args.ratio_only is not None:
+        ratio = step_ratio(args.seq_len, args.micro_batch, args.ratio_only or [1, 2, 4, 8])
+        print(json.dumps(ratio, indent=2))
+        path = ROOT / "bench" / "results" / "maskllm.json"
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        results["step_ratio"] = {"seq_len": args.seq_len, "micro_batch": args.micro_batch, **ratio}
+        path.write_text(json.dumps(results, indent=2))
+        return
+    if not args.prior_run:
+        ap.error("--prior-run is required (a `compressor prune` run folder whose masks start the logits)")
 
     common = [f"train.steps={args.steps}", f"train.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}",
               f"train.grad_accum={args.grad_accum}", *args.sets,
@@ -128,7 +207,10 @@ def main() -> None:
            "prior_perplexity": prior, "prior_kind": prior_kind, "sparsegpt_perplexity": target,
            "plain_fwd_bwd_seconds": plain, "settings": vars(args), "rows": results,
            "prior_run": args.prior_run, "prior_report_perplexity": prior_report.get("perplexity")}
-    (ROOT / "bench" / "results" / "maskllm.json").write_text(json.dumps(out, indent=2))
+    path = ROOT / "bench" / "results" / "maskllm.json"
+    if path.is_file() and "step_ratio" in (earlier := json.loads(path.read_text())):
+        out["step_ratio"] = earlier["step_ratio"]  # measured on its own (--ratio-only)
+    path.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
