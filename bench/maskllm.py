@@ -171,6 +171,9 @@ def main() -> None:
     for r in results.values():
         # a step runs grad_accum micro-batches; the yardstick is as many plain forward+backward passes
         r["step_time_vs_plain_fwd_bwd"] = round(r["seconds_per_step"] / (plain * args.grad_accum), 3)
+    json_path = ROOT / "bench" / "results" / "maskllm.json"
+    earlier = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    results = {**{k: v for k, v in earlier.get("rows", {}).items() if k not in results}, **results}  # rows not re-run stay
 
     # the prior's and the dense model's perplexity on the same quick-variant windows
     from compressor.config.base import validate_config
@@ -207,10 +210,9 @@ def main() -> None:
            "prior_perplexity": prior, "prior_kind": prior_kind, "sparsegpt_perplexity": target,
            "plain_fwd_bwd_seconds": plain, "settings": vars(args), "rows": results,
            "prior_run": args.prior_run, "prior_report_perplexity": prior_report.get("perplexity")}
-    path = ROOT / "bench" / "results" / "maskllm.json"
-    if path.is_file() and "step_ratio" in (earlier := json.loads(path.read_text())):
+    if "step_ratio" in earlier:
         out["step_ratio"] = earlier["step_ratio"]  # measured on its own (--ratio-only)
-    path.write_text(json.dumps(out, indent=2))
+    json_path.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
