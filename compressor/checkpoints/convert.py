@@ -157,7 +157,27 @@ def read_run(path: Path, masks: Optional[Path] = None, logits: Optional[Path] = 
             masks = path / "masks.safetensors"
         elif (path / "logits.safetensors").is_file():
             logits = path / "logits.safetensors"
+        elif (path / "checkpoints" / "latest").is_file():  # an unfinished distributed run: its last checkpoint
+            logits = _dist_checkpoint_logits(path)
     return read_checkpoint(path / "model", masks, logits)
+
+
+def _dist_checkpoint_logits(run: Path) -> Path:
+    """The latest `compressor launch` checkpoint's logits as a logits file (in a temporary folder)."""
+    import tempfile
+
+    from compressor.checkpoints.logits import load_dist_logits, save_logits
+    from compressor.config.base import read_yaml
+
+    step = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    if not (step / "metadata.json").is_file():
+        raise CheckpointError(f"{step} is not a finished distributed checkpoint (no metadata.json)")
+    config = read_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
+    sparsity = (config.get("maskllm") or {}).get("sparsity", "2:4")
+    out = Path(tempfile.mkdtemp(prefix="compressor-logits-")) / "logits.safetensors"
+    save_logits(out, load_dist_logits(step), sparsity)
+    log.info("read the logits of %s (no final masks in %s yet)", step, run)
+    return out
 
 
 READERS: dict[str, Callable[..., MaskedSource]] = {"run": read_run, "checkpoint": read_checkpoint}

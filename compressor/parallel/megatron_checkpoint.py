@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from compressor.checkpoints.logits import DIST_PREFIX
 from compressor.errors import CheckpointError
 from compressor.parallel.megatron_convert import LlamaDims
 from compressor.parallel.megatron_masks import MaskSet, join_pieces, sharded_tensors
@@ -34,7 +35,7 @@ from compressor.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-LOGITS, EXP_AVG, EXP_AVG_SQ = "logits/", "optim/exp_avg/", "optim/exp_avg_sq/"
+LOGITS, EXP_AVG, EXP_AVG_SQ = DIST_PREFIX, "optim/exp_avg/", "optim/exp_avg_sq/"
 
 
 def step_name(step: int) -> str:

@@ -67,6 +67,27 @@ def test_train_rank_writes_what_the_exporter_reads(uninterrupted, tiny_llama_dir
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000004"
 
 
+def test_the_exporter_reads_an_unfinished_runs_last_distributed_checkpoint(uninterrupted, tmp_path):
+    import shutil
+
+    from compressor.checkpoints.convert import open_source
+    from compressor.checkpoints.logits import load_dist_logits
+
+    _, full = uninterrupted
+    final = load_logits(full / "logits.safetensors")
+    from_checkpoint = load_dist_logits(full / "checkpoints" / "step_0000004")  # the last step: the final logits
+    assert set(from_checkpoint) == set(final)
+    for name in final:
+        assert torch.equal(from_checkpoint[name].float(), final[name]), name
+    run = tmp_path / "killed"  # as a run killed after its last checkpoint: no final masks or logits yet
+    shutil.copytree(full, run, symlinks=True)
+    (run / "masks.safetensors").unlink()
+    (run / "logits.safetensors").unlink()
+    source = open_source(run)
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(source.mask(name), logits_to_masks({name: final[name]}, "2:4")[name])
+
+
 def test_resume_continues_exactly(uninterrupted, tiny_llama_dir, tmp_path):
     text, full = uninterrupted
     out = tmp_path / "resumed"
