@@ -37,34 +37,30 @@ class _Array:
         return t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
 
 
+def _walk(value: Any, leaf: type, convert: Callable[[Any], Any]) -> Any:
+    """``value`` with every ``leaf`` inside dataclasses, lists, tuples and dicts replaced by ``convert(leaf)``."""
+    if isinstance(value, leaf):
+        return convert(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _walk(getattr(value, f.name), leaf, convert)
+                                             for f in dataclasses.fields(value) if f.init})
+    if isinstance(value, (list, tuple)):
+        return type(value)(_walk(v, leaf, convert) for v in value)
+    if isinstance(value, dict):
+        return {k: _walk(v, leaf, convert) for k, v in value.items()}
+    return value
+
+
 def pack(value: Any) -> Any:
     """Tensors (also inside dataclasses, lists, tuples and dicts) -> numpy-backed ``_Array``s."""
     import torch
 
-    if isinstance(value, torch.Tensor):
-        return _Array(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: pack(getattr(value, f.name))
-                                             for f in dataclasses.fields(value) if f.init})
-    if isinstance(value, (list, tuple)):
-        return type(value)(pack(v) for v in value)
-    if isinstance(value, dict):
-        return {k: pack(v) for k, v in value.items()}
-    return value
+    return _walk(value, torch.Tensor, _Array)
 
 
 def unpack(value: Any) -> Any:
     """The inverse of :func:`pack`."""
-    if isinstance(value, _Array):
-        return value.tensor()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: unpack(getattr(value, f.name))
-                                             for f in dataclasses.fields(value) if f.init})
-    if isinstance(value, (list, tuple)):
-        return type(value)(unpack(v) for v in value)
-    if isinstance(value, dict):
-        return {k: unpack(v) for k, v in value.items()}
-    return value
+    return _walk(value, _Array, _Array.tensor)
 
 
 def _run_with_threads(threads: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
