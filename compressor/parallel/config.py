@@ -8,12 +8,12 @@ from pydantic import PositiveInt, field_validator, model_validator
 
 from compressor.config.base import StrictModel
 from compressor.parallel.ray_config import RayWorkersConfig
-from compressor.training.config import MaskLearningConfig
+from compressor.training.config import FilePriorRule, MaskLearningConfig
 
 ONE_SHOT_PRIORS = ("magnitude", "wanda", "sparsegpt", "sparseswaps")
 
 
-class DistributedPriorConfig(StrictModel):
+class DistributedPriorConfig(FilePriorRule):
     """Where the initial logits come from: random, or the masks of an earlier run."""
 
     kind: Literal["none", "file"] = "none"
@@ -28,12 +28,6 @@ class DistributedPriorConfig(StrictModel):
                 f"`compressor prune` with method {value} first, then give its masks here with kind: file and "
                 "path: <that run folder or its masks.safetensors>")
         return value
-
-    @model_validator(mode="after")
-    def _path_iff_file(self) -> "DistributedPriorConfig":
-        if (self.kind == "file") != (self.path is not None):
-            raise ValueError("give prior.path exactly when prior.kind is 'file'")
-        return self
 
 
 class ParallelConfig(StrictModel):

@@ -16,7 +16,17 @@ from compressor.models.config import ModelConfig
 from compressor.training.backends import DeepSpeedConfig
 
 
-class PriorConfig(StrictModel):
+class FilePriorRule(StrictModel):
+    """A prior config whose ``path`` is given exactly when its ``kind`` is "file"."""
+
+    @model_validator(mode="after")
+    def _path_iff_file(self) -> "FilePriorRule":
+        if (getattr(self, "kind") == "file") != (getattr(self, "path") is not None):
+            raise ValueError("give prior.path exactly when prior.kind is 'file'")
+        return self
+
+
+class PriorConfig(FilePriorRule):
     """Where the initial logits come from."""
 
     # none: random logits; a one-shot method: run it first (mask only, weights untouched);
@@ -26,12 +36,6 @@ class PriorConfig(StrictModel):
     calibration: CalibrationConfig = CalibrationConfig()
     sparsegpt: SparseGPTOptions = SparseGPTOptions(update_weights=False)
     sparseswaps: SparseSwapsOptions = SparseSwapsOptions()
-
-    @model_validator(mode="after")
-    def _path_iff_file(self) -> "PriorConfig":
-        if (self.kind == "file") != (self.path is not None):
-            raise ValueError("give prior.path exactly when prior.kind is 'file'")
-        return self
 
 
 class TrainConfig(StrictModel):
