@@ -2,7 +2,9 @@
 
 A job is a plain function plus arguments. ``put`` stores a large object once (for Ray: in the object
 store) and returns a handle that can be passed as a top-level argument to any number of jobs;
-``submit`` starts a job; ``gather`` waits for jobs in order, with a progress bar.
+``submit`` starts a job and returns a handle, which may also be passed as a top-level argument to later
+jobs (they then start when it is done, and receive its result); ``gather`` waits for jobs in order,
+with a progress bar.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class InProcessExecutor(Executor):
         return value
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> _Done:
+        args = tuple(a.value if isinstance(a, _Done) else a for a in args)
+        kwargs = {k: v.value if isinstance(v, _Done) else v for k, v in kwargs.items()}
         return _Done(fn(*args, **kwargs))
 
     def gather(self, handles: Sequence[Any], desc: str | None = None) -> list[Any]:

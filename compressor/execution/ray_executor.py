@@ -71,6 +71,13 @@ def _run_with_threads(threads: int, fn: Callable[..., Any], *args: Any, **kwargs
     return pack(fn(*unpack(args), **unpack(kwargs)))
 
 
+def _warm_up() -> None:
+    # Worker start-up (a Python process importing torch and the methods) costs seconds; paying it while
+    # the driver calibrates the first block keeps it out of the first solve.
+    import compressor.methods.registry  # noqa: F401
+    import compressor.methods.sparseswaps  # noqa: F401
+
+
 class RayExecutor(Executor):
     def __init__(self, cfg: ExecutorConfig) -> None:
         import ray
@@ -92,6 +99,7 @@ class RayExecutor(Executor):
         self._remote = ray.remote(_run_with_threads).options(
             num_cpus=cfg.task_cpus, num_gpus=cfg.task_gpus, max_retries=cfg.max_retries
         )
+        self._warm = [self._remote.remote(1, _warm_up) for _ in range(min(self.parallelism, 64))]  # not waited for
 
     @property
     def parallelism(self) -> int:

@@ -16,8 +16,9 @@ from pydantic import Field, PositiveInt
 from compressor.calibration.stats import InputStats, StatsKind
 from compressor.config.base import StrictModel
 from compressor.methods.magnitude import magnitude_mask
+from compressor.methods.sparsegpt import HessianFactor, hessian_factor, sparsegpt
 from compressor.methods.wanda import wanda_mask
-from compressor.sparsity import SparsityTarget
+from compressor.sparsity import NM, SparsityTarget
 
 MethodName = Literal["magnitude", "wanda", "sparsegpt", "sparseswaps"]
 
@@ -71,29 +72,74 @@ class LayerResult:
     warm_start_mask: Optional[torch.Tensor] = None  # refinement methods: the mask they started from
 
 
-def _one_shot_mask(method: str, job: LayerJob, weight: torch.Tensor, stats: InputStats) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _sparsegpt_options(job: LayerJob) -> Optional[SparseGPTOptions]:
+    """The SparseGPT options a job runs with, if it runs SparseGPT at all (itself or as a warm start)."""
+    if job.method == "sparsegpt":
+        return job.options if isinstance(job.options, SparseGPTOptions) else (job.sparsegpt or SparseGPTOptions())
+    if job.method == "sparseswaps" and job.options.warm_start == "sparsegpt":
+        return job.sparsegpt or SparseGPTOptions()
+    return None
+
+
+def has_shared_factor(job: LayerJob) -> bool:
+    return _sparsegpt_options(job) is not None
+
+
+def shared_factor(job: LayerJob, stats: InputStats) -> Optional[HessianFactor]:
+    """The part of a job that depends only on its input statistics (None if ``not has_shared_factor``):
+    compute it once per statistics group and pass it to every ``solve_layer`` of that group."""
+    opts = _sparsegpt_options(job)
+    return None if opts is None else hessian_factor(stats.gram, opts.damp, job.name)
+
+
+def row_separable(job: LayerJob) -> bool:
+    """Whether solving a slice of the weight's rows gives that slice of the whole layer's result: true
+    for N:M, where every method decides each row on its own; not for unstructured SparseGPT (one
+    threshold per column block over all rows) or magnitude (one threshold per layer)."""
+    return isinstance(job.sparsity, NM)
+
+
+def merge_row_chunks(parts: list[LayerResult]) -> LayerResult:
+    """One layer's result from the results of its row slices, in row order."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(key: str) -> Optional[torch.Tensor]:
+        values = [getattr(p, key) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    extra = {k: sum(p.extra[k] for p in parts) for k in parts[0].extra}  # every report item is a sum over rows
+    return LayerResult(parts[0].name, cat("mask"), cat("weight"), sum(p.seconds for p in parts), extra,
+                       cat("warm_start_mask"))
+
+
+def _one_shot_mask(
+    method: str, job: LayerJob, weight: torch.Tensor, stats: InputStats, factor: Optional[HessianFactor] = None
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     what = job.name
     if method == "magnitude":
         return magnitude_mask(weight, job.sparsity, what), None
     if method == "wanda":
         return wanda_mask(weight, stats.norms_sq, job.sparsity, what), None
     if method == "sparsegpt":
-        from compressor.methods.sparsegpt import sparsegpt
-
         opts = job.options if isinstance(job.options, SparseGPTOptions) else (job.sparsegpt or SparseGPTOptions())
         res = sparsegpt(
-            weight, stats.gram, job.sparsity,
+            weight, stats.gram, job.sparsity, what=what, factor=factor,
             damp=opts.damp, block_size=opts.block_size, update_weights=opts.update_weights,
         )
         return res.mask, (res.weight if opts.update_weights else None)
     raise ValueError(f"unknown one-shot method {method!r}")
 
 
-def solve_layer(job: LayerJob, weight: torch.Tensor, stats: InputStats) -> LayerResult:
-    """Run one method on one layer. ``stats`` must hold what ``STATS_NEEDED[job.method]`` names."""
+def solve_layer(
+    job: LayerJob, weight: torch.Tensor, stats: InputStats, factor: Optional[HessianFactor] = None
+) -> LayerResult:
+    """Run one method on one layer, or on a slice of its rows if ``row_separable(job)``. ``stats`` must
+    hold what ``STATS_NEEDED[job.method]`` names; ``factor`` is ``shared_factor(job, stats)`` or None
+    (then it is computed here)."""
     start = time.perf_counter()
     if job.method != "sparseswaps":
-        mask, new_weight = _one_shot_mask(job.method, job, weight, stats)
+        mask, new_weight = _one_shot_mask(job.method, job, weight, stats, factor)
         return LayerResult(job.name, mask, new_weight, time.perf_counter() - start)
 
     from compressor.methods.sparseswaps import sparseswaps
@@ -101,7 +147,7 @@ def solve_layer(job: LayerJob, weight: torch.Tensor, stats: InputStats) -> Layer
     opts: SparseSwapsOptions = job.options
     warm_job = LayerJob(job.name, opts.warm_start, job.sparsity, None,
                         (job.sparsegpt or SparseGPTOptions()).model_copy(update={"update_weights": False}))
-    warm_mask, _ = _one_shot_mask(opts.warm_start, warm_job, weight, stats)
+    warm_mask, _ = _one_shot_mask(opts.warm_start, warm_job, weight, stats, factor)
     res = sparseswaps(weight, stats.gram, warm_mask, job.sparsity, max_iters=opts.max_iters, refit=opts.refit)
     extra = {
         "swaps": int(res.swaps_per_row.sum()),

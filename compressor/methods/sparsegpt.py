@@ -35,6 +35,16 @@ _SUB_BLOCK = 16  # unstructured: columns whose updates are immediate (the mask o
 
 
 @dataclass
+class HessianFactor:
+    """What every layer reading the same inputs shares: computed once per statistics group (and once for
+    all row chunks of a layer), since at width 1536 it costs more than the column sweep itself."""
+
+    upper: torch.Tensor  # (in, in) float32, U^T U = (G + damp * mean(diag G) I)^{-1}
+    dead: torch.Tensor  # (in,) bool, inputs never seen in calibration
+    damp: float
+
+
+@dataclass
 class SparseGPTResult:
     mask: torch.Tensor  # bool (out, in), True = kept
     weight: torch.Tensor  # (out, in) in the input dtype, zero where pruned
@@ -104,6 +114,11 @@ def inverse_hessian_factor(
     )
 
 
+def hessian_factor(gram: torch.Tensor, damp: float, what: str = "layer") -> HessianFactor:
+    u64, dead = inverse_hessian_factor(gram, damp, what)
+    return HessianFactor(u64.to(torch.float32), dead, damp)
+
+
 def _group_prune(w: torch.Tensor, d: torch.Tensor, nm: NM) -> torch.Tensor:
     """(M, rows) bool: the M - N lowest w^2 / d^2 of each row's group (w: the group's columns, transposed)."""
     scores = w.pow(2) / d.pow(2).unsqueeze(1)  # (M, rows)
@@ -145,12 +160,15 @@ def sparsegpt(
     block_size: int = 128,
     update_weights: bool = True,
     what: str = "layer",
+    factor: HessianFactor | None = None,
 ) -> SparseGPTResult:
     """Prune ``weight`` (out, in) given the Gram matrix (in, in) of its inputs.
 
     ``update_weights=False`` returns the same mask with the original weights (W * mask), e.g. as a
     prior for mask learning. For N:M, ``block_size`` is rounded down to a multiple of M (at least M);
-    it changes the speed only, not the result.
+    it changes the speed only, not the result. ``factor``: ``hessian_factor(gram, damp)`` computed
+    beforehand (the result is the same). Rows are independent for N:M: pruning a slice of rows gives
+    that slice of the whole layer's result.
     """
     check_layer_inputs(weight, gram, what)
     if block_size < 1:
@@ -163,10 +181,16 @@ def sparsegpt(
     else:
         block, step = block_size, min(_SUB_BLOCK, block_size)
 
-    u64, dead = inverse_hessian_factor(gram, damp, what)
-    u = u64.to(torch.float32)
+    if factor is None:
+        factor = hessian_factor(gram, damp, what)
+    elif factor.damp != damp or factor.upper.shape != (cols, cols):
+        raise ValueError(f"{what}: the given Hessian factor was made with damp={factor.damp} for width "
+                         f"{factor.upper.shape[0]}, not damp={damp} for width {cols}")
+    u, dead = factor.upper, factor.dead
     d = torch.diagonal(u)
-    wt = weight.detach().to(torch.float32).t().contiguous()  # (in, out): column j of W is row j here
+    # (in, out): column j of W is row j here. copy=True: for a single row, .t().contiguous() would not
+    # copy, and the updates below would write into the caller's weight.
+    wt = weight.detach().to(torch.float32, copy=True).t().contiguous()
     wt[dead] = 0
     pruned = torch.zeros(cols, rows, dtype=torch.bool, device=wt.device)
     err = torch.empty(min(block, cols), rows, dtype=wt.dtype, device=wt.device)

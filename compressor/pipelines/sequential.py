@@ -12,6 +12,7 @@ Its time is booked as "error", apart from the pruning time ("calibrate" + "solve
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -23,7 +24,17 @@ from compressor.calibration import BlockInputs, capture_block_inputs, collect_bl
 from compressor.calibration.stats import InputStats
 from compressor.execution.base import Executor
 from compressor.methods.objective import reconstruction_error
-from compressor.methods.registry import STATS_NEEDED, LayerJob, LayerResult, SparseGPTOptions, solve_layer
+from compressor.methods.registry import (
+    STATS_NEEDED,
+    LayerJob,
+    LayerResult,
+    SparseGPTOptions,
+    has_shared_factor,
+    merge_row_chunks,
+    row_separable,
+    shared_factor,
+    solve_layer,
+)
 from compressor.models.arch import DecoderArch
 from compressor.models.layers import LinearTarget, by_block, decoder_blocks, prunable_linears
 from compressor.pipelines.block_store import BlockStore
@@ -71,19 +82,46 @@ def _weight_name(t: LinearTarget) -> str:
     return f"{t.name}.weight"
 
 
+def row_chunks(costs: dict[str, tuple[int, float]], workers: int) -> dict[str, list[tuple[int, int]]]:
+    """Row ranges per layer, so that no job is much longer than the rest: a layer whose cost (name ->
+    (rows, cost)) exceeds a 2 * ``workers``-th of the block's is split into equal row slices. With one
+    worker nothing is split (splitting only adds overhead)."""
+    limit = sum(c for _, c in costs.values()) / (2 * workers) if workers > 1 else float("inf")
+    out = {}
+    for name, (rows, cost) in costs.items():
+        parts = max(1, min(rows, math.ceil(cost / limit))) if cost > limit else 1
+        bounds = [round(i * rows / parts) for i in range(parts + 1)]
+        out[name] = list(zip(bounds[:-1], bounds[1:]))
+    return out
+
+
 def _solve_block(
     block: nn.Module, targets: list[LinearTarget], stats: dict[str, InputStats], plan: OneShotPlan, executor: Executor
 ) -> list[LayerResult]:
-    # Longest jobs first so that parallel workers finish together.
-    order = sorted(targets, key=lambda t: t.out_features * t.in_features, reverse=True)
-    stat_handles = {g: executor.put(s) for g, s in stats.items() if any(t.group == g for t in targets)}
+    """All linears of a block as jobs: the factor each statistics group shares first, then every layer,
+    big layers split into row slices where the method allows it, longest first so that workers finish
+    together; jobs start as soon as the factor they need is ready."""
+    jobs = {t.name: LayerJob(_weight_name(t), plan.method, plan.sparsity, plan.options, plan.sparsegpt) for t in targets}
+    groups = {t.group: t for t in targets}
+    stat_handles = {g: executor.put(stats.get(g, InputStats("none", t.in_features))) for g, t in groups.items()}
+    factor_handles = {g: executor.submit(shared_factor, jobs[t.name], stat_handles[g])
+                      for g, t in sorted(groups.items(), key=lambda gt: -gt[1].in_features)
+                      if has_shared_factor(jobs[t.name])}
+    # Cost of a Gram-based solve ~ rows * cols^2 (the column sweep's updates); the others are cheap.
+    costs = {t.name: (t.out_features, t.out_features * t.in_features ** 2) for t in targets}
+    separable = STATS_NEEDED[plan.method] == "gram" and all(row_separable(j) for j in jobs.values())
+    chunks = row_chunks(costs, executor.parallelism if separable else 1)
+    order = sorted(((t, r0, r1) for t in targets for r0, r1 in chunks[t.name]),
+                   key=lambda c: -(c[2] - c[1]) * c[0].in_features ** 2)
     handles = []
-    for t in order:
-        job = LayerJob(_weight_name(t), plan.method, plan.sparsity, plan.options, plan.sparsegpt)
-        weight = block.get_submodule(t.rel).weight.detach()
-        handles.append(executor.submit(solve_layer, job, weight, stat_handles.get(t.group, InputStats("none", t.in_features))))
-    by_name = {r.name: r for r in executor.gather(handles)}
-    return [by_name[_weight_name(t)] for t in targets]
+    for t, r0, r1 in order:
+        weight = block.get_submodule(t.rel).weight.detach()[r0:r1]
+        handles.append(executor.submit(solve_layer, jobs[t.name], weight, stat_handles[t.group],
+                                       factor_handles.get(t.group)))
+    parts: dict[str, list[tuple[int, LayerResult]]] = {t.name: [] for t in targets}
+    for (t, r0, _), result in zip(order, executor.gather(handles)):
+        parts[t.name].append((r0, result))
+    return [merge_row_chunks([r for _, r in sorted(parts[t.name], key=lambda p: p[0])]) for t in targets]
 
 
 def _apply(block: nn.Module, t: LinearTarget, r: LayerResult) -> None:

@@ -186,3 +186,11 @@ def test_bad_inputs_are_named():
         sparsegpt(w, gram[:8, :8], NM(2, 4))
     with pytest.raises(DataError, match="positive semi-definite"):
         sparsegpt(w, -gram, NM(2, 4))
+
+
+def test_the_callers_weight_is_never_written_even_for_a_single_row():
+    w, gram = correlated_problem(rows=1, cols=16)
+    before = w.clone()
+    res = sparsegpt(w, gram, NM(2, 4), update_weights=False)
+    assert torch.equal(w, before)
+    assert torch.equal(res.weight, before * res.mask)

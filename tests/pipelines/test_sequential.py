@@ -10,7 +10,7 @@ from compressor.methods.wanda import wanda_mask
 from compressor.models import load_model
 from compressor.models.layers import prunable_linears
 from compressor.pipelines.block_store import BlockStore
-from compressor.pipelines.sequential import OneShotPlan, prune_sequential
+from compressor.pipelines.sequential import OneShotPlan, prune_sequential, row_chunks
 from compressor.sparsity import NM, is_nm
 
 WINDOWS = torch.randint(0, 49152, (6, 32), generator=torch.Generator().manual_seed(3))
@@ -112,3 +112,14 @@ def test_ray_and_in_process_executors_give_identical_masks(tiny_llama_dir):
         assert torch.equal(a.masks[name], b.masks[name]), name
     for name, p in local.model.named_parameters():
         assert torch.equal(p, remote.model.get_parameter(name)), name
+
+
+def test_row_chunks_split_only_the_layers_that_dominate_a_block():
+    # rows and rows * cols^2 / 1e6 of SmolLM2-135M's linears
+    costs = {"down": (576, 680), "gate": (1536, 255), "up": (1536, 255), "q": (576, 95), "o": (576, 95),
+             "k": (192, 32), "v": (192, 32)}
+    chunks = row_chunks(costs, workers=2)
+    assert chunks["down"] == [(0, 288), (288, 576)]  # 680 > 1444 / 4: two slices, each below the limit
+    assert all(chunks[n] == [(0, r)] for n, (r, _) in costs.items() if n != "down")
+    assert all(v == [(0, r)] for v, (r, _) in zip(row_chunks(costs, workers=1).values(), costs.values()))
+    assert row_chunks({"tiny": (3, 100), "x": (8, 1)}, workers=64)["tiny"] == [(0, 1), (1, 2), (2, 3)]

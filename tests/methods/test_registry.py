@@ -1,0 +1,72 @@
+"""Jobs split the way the pipeline splits them give the whole layer's result."""
+
+import pytest
+import torch
+
+from compressor.calibration.stats import InputStats
+from compressor.methods.registry import (
+    LayerJob,
+    SparseGPTOptions,
+    SparseSwapsOptions,
+    WandaOptions,
+    has_shared_factor,
+    merge_row_chunks,
+    row_separable,
+    shared_factor,
+    solve_layer,
+)
+from compressor.methods.sparsegpt import hessian_factor, sparsegpt
+from compressor.sparsity import NM, Unstructured
+from tests.methods.test_sparsegpt import correlated_problem
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+JOBS = {
+    "sparsegpt": LayerJob("w", "sparsegpt", NM(2, 4), SparseGPTOptions(block_size=8)),
+    "sparsegpt-mask": LayerJob("w", "sparsegpt", NM(2, 4), SparseGPTOptions(update_weights=False)),
+    "swaps-from-sparsegpt": LayerJob("w", "sparseswaps", NM(2, 4), SparseSwapsOptions(warm_start="sparsegpt", refit=True),
+                                     SparseGPTOptions(damp=0.05)),
+    "swaps-from-wanda": LayerJob("w", "sparseswaps", NM(1, 4), SparseSwapsOptions(warm_start="wanda")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(JOBS))
+def test_row_slices_with_a_shared_factor_give_the_whole_layers_result(kind):
+    job = JOBS[kind]
+    w, gram = correlated_problem(rows=11, cols=32, seed=4)
+    stats = InputStats("gram", 32, 400, col_sq=torch.diagonal(gram).clone(), gram=gram)
+    whole = solve_layer(job, w, stats)
+    factor = shared_factor(job, stats)
+    assert (factor is not None) == has_shared_factor(job) == (kind != "swaps-from-wanda")
+    parts = [solve_layer(job, w[r0:r1], stats, factor) for r0, r1 in ((0, 3), (3, 4), (4, 11))]
+    merged = merge_row_chunks(parts)
+    assert row_separable(job)
+    assert torch.equal(merged.mask, whole.mask)
+    if whole.weight is None:
+        assert merged.weight is None
+    else:
+        torch.testing.assert_close(merged.weight, whole.weight, rtol=1e-5, atol=1e-6)
+    if whole.warm_start_mask is not None:
+        assert torch.equal(merged.warm_start_mask, whole.warm_start_mask)
+    assert merged.extra.keys() == whole.extra.keys()
+    for key in whole.extra:
+        assert merged.extra[key] == pytest.approx(whole.extra[key], rel=1e-9), key
+
+
+def test_unstructured_and_per_layer_methods_are_not_split():
+    assert not row_separable(LayerJob("w", "sparsegpt", Unstructured(0.5), SparseGPTOptions()))
+    assert not row_separable(LayerJob("w", "magnitude", Unstructured(0.5), None))
+    assert not has_shared_factor(LayerJob("w", "wanda", NM(2, 4), WandaOptions()))
+
+
+def test_a_factor_made_for_other_options_is_refused():
+    w, gram = correlated_problem(rows=4, cols=16)
+    with pytest.raises(ValueError, match="damp=0.05 for width 16, not damp=0.01"):
+        sparsegpt(w, gram, NM(2, 4), damp=0.01, factor=hessian_factor(gram, 0.05))
