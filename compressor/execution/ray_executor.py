@@ -105,7 +105,7 @@ class RayExecutor(Executor):
     def parallelism(self) -> int:
         import ray
 
-        cpus = ray.available_resources().get("CPU", 1.0)
+        cpus = ray.cluster_resources().get("CPU", 1.0)  # all of them, busy or not
         return max(1, int(cpus // self.cfg.task_cpus))
 
     def put(self, value: Any) -> Any:

@@ -17,15 +17,7 @@ from compressor.methods.registry import (
 )
 from compressor.methods.sparsegpt import hessian_factor, sparsegpt
 from compressor.sparsity import NM, Unstructured
-from tests.methods.test_sparsegpt import correlated_problem
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.methods.test_sparsegpt import correlated_problem, one_thread  # noqa: F401 (autouse fixture)
 
 
 JOBS = {
