@@ -25,7 +25,7 @@ from compressor.reporting.plots import plot_lines
 from compressor.runs.common import evaluate, eval_windows_for, finish_report, save_or_check_config
 from compressor.training.backends import Backend, DeepSpeedBackend, SingleProcessBackend
 from compressor.training.config import LearnConfig
-from compressor.training.loop import backend_grad_accum, train_masks
+from compressor.training.loop import backend_grad_accum, gathered_layers, train_masks
 from compressor.utils.fs import atomic_dir, prepare_output_dir
 from compressor.utils.logging import get_logger, setup_logging
 from compressor.utils.timing import PhaseTimer
@@ -103,6 +103,7 @@ def run_learn(cfg: LearnConfig, output: str | Path, overwrite: bool = False, res
         (log.warning if agreement < 0.99 else log.info)(
             "the initial hard mask keeps the prior's pattern in %.2f%% of groups%s", 100 * agreement,
             "; raise maskllm.prior_strength to start from the prior itself" if agreement < 0.99 else "")
+    memory = mask_memory_bytes(masks)  # before ZeRO-3 partitions the logits (their local numel drops)
     params = [{"params": [m.logits for m in masks.values()], "lr": cfg.maskllm.logits_lr}]
     if cfg.maskllm.train_weights:
         weights = [model.get_submodule(n).parametrizations.weight.original for n in masks]
@@ -110,39 +111,82 @@ def run_learn(cfg: LearnConfig, output: str | Path, overwrite: bool = False, res
     backend.setup(model, params, backend_grad_accum(cfg.maskllm, cfg.train), cfg.train.micro_batch_size)
     stream = make_stream(cfg, tokenizer, backend.rank, backend.world_size)
 
-    evaluate_fn = None  # only rank 0 evaluates; the others wait for it at the next gradient all-reduce
-    if cfg.evaluation.enabled and backend.is_main:
+    # Only rank 0 evaluates (the others wait for it at the next gradient all-reduce), except under ZeRO-3,
+    # where a forward pass gathers parameters from every rank: all ranks evaluate the same windows.
+    evaluate_fn = None
+    if cfg.evaluation.enabled and (backend.is_main or backend.partitioned):
         eval_windows, note = eval_windows_for(cfg.evaluation, tokenizer)
         evaluate_fn = lambda: evaluate(model, eval_windows, cfg.evaluation, note, "hard mask").perplexity  # noqa: E731
 
     with timer.phase("train"):
         history = train_masks(model, masks, cfg.maskllm, cfg.train, stream, backend, out / "checkpoints", evaluate_fn)
-    if not backend.is_main:
+    if not (backend.is_main or backend.partitioned):  # under ZeRO-3 every rank takes part in the gathers below
         backend.close()
         return None
 
     report: dict[str, Any] = {"method": "maskllm", "sparsity": str(cfg.maskllm.sparsity), "model": {"source": cfg.model.source},
                               "config": cfg.model_dump(mode="json"), "backend": cfg.backend, "world_size": backend.world_size,
                               "history": {"logs": history.logs, "evals": history.evals},
-                              "memory_per_masked_weight": mask_memory_bytes(masks), "prior_agreement": agreement}
+                              "memory_per_masked_weight": memory, "prior_agreement": agreement}
     with timer.phase("save"):
-        hard = {f"{name}.weight": m.hard_mask() for name, m in masks.items()}
-        save_masks(out / "masks.safetensors", hard, str(cfg.maskllm.sparsity))
-        save_logits(out / "logits.safetensors", {f"{n}.weight": m.logits.detach().float() for n, m in masks.items()},
-                    cfg.maskllm.sparsity)
-        remove_masks(model, bake=True)
-        with atomic_dir(out / "model", replace=True) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        hard, logits = {}, {}
+        for name, m in gathered_layers(masks, backend):
+            if backend.is_main:
+                hard[f"{name}.weight"] = m.hard_mask()
+                logits[f"{name}.weight"] = m.logits.detach().float().clone()
+        # ZeRO-3 keeps the masks attached (their hard mode computes the same W * hard mask for the final
+        # evaluation) and rank 0 writes the baked weights it gathers layer by layer.
+        state = _baked_state_dict(model, masks, backend) if backend.partitioned else None
+        if not backend.partitioned:
+            remove_masks(model, bake=True)
+        if backend.is_main:
+            save_masks(out / "masks.safetensors", hard, str(cfg.maskllm.sparsity))
+            save_logits(out / "logits.safetensors", logits, cfg.maskllm.sparsity)
+            with atomic_dir(out / "model", replace=True) as tmp:
+                model.save_pretrained(tmp, state_dict=state)
+                tokenizer.save_pretrained(tmp)
     if cfg.evaluation.enabled:
         with timer.phase("evaluate"):
             report["perplexity"] = evaluate(model, eval_windows, cfg.evaluation, note, "final hard mask").as_dict()
+    if not backend.is_main:
+        backend.close()
+        return None
     plots = _plots(out, history)
     report["outputs"] = {"model": "model", "masks": "masks.safetensors", "logits": "logits.safetensors", "plots": plots}
     report["timing"] = timer.as_dict()
     finish_report(out, report)
     backend.close()
     return report
+
+
+@torch.no_grad()
+def _baked_state_dict(model: torch.nn.Module, masks: dict[str, Any], backend: Backend) -> Optional[dict[str, torch.Tensor]]:
+    """The model's state dict with each masked weight = W * hard mask, gathered one module at a time
+    (every rank takes part); rank 0 gets it on the CPU, the others None."""
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    from compressor.methods.maskllm.mask import NMMaskParametrization
+
+    state: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (ParametrizationList, NMMaskParametrization)):
+            continue  # read through the linear that owns them
+        prefix = f"{name}." if name else ""
+        own = dict(module.named_parameters(recurse=False))  # a parametrized weight is not among them
+        mask = masks.get(name)
+        extra = [module.parametrizations.weight.original, mask.logits] if mask is not None else []
+        with backend.gathered(list(own.values()) + extra):
+            if not backend.is_main:
+                continue
+            for key, p in own.items():
+                state[prefix + key] = p.detach().cpu().clone()
+            for key, b in module.named_buffers(recurse=False):
+                if key not in module._non_persistent_buffers_set:
+                    state[prefix + key] = b.detach().cpu().clone()
+            if mask is not None:
+                weight = extra[0]
+                state[prefix + "weight"] = (weight * mask.hard_mask().to(weight.dtype)).cpu()
+    return state if backend.is_main else None
 
 
 def _load_transfer_logits(masks: dict[str, Any], path: str) -> None:

@@ -1,32 +1,44 @@
 """Where a training step runs: one process, or DeepSpeed ZeRO over data-parallel ranks.
 
-The loop only calls ``backward``, ``step``, ``all_mean`` and the checkpoint methods, so the same loop
-serves every backend. DeepSpeed gets our own torch AdamW (a "client optimizer"), which avoids its C++
-Adam build and keeps single-process and DeepSpeed numerics the same.
+The loop only calls ``backward``, ``step``, ``all_mean``, ``gathered`` and the checkpoint methods, so the
+same loop serves every backend. DeepSpeed gets our own torch AdamW (a "client optimizer"), which avoids
+its C++ Adam build and keeps single-process and DeepSpeed numerics the same.
+
+ZeRO-3 partitions every parameter, frozen weights and mask logits alike: ``deepspeed.initialize``
+partitions the model after the masks are attached, and its module hooks gather a layer's
+``parametrizations.weight.original`` and ``logits`` when the linear reads ``self.weight`` (the
+parametrization runs as a submodule call). Whatever reads them outside a forward goes through
+``Backend.gathered``.
 """
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Iterator, Literal, Optional
 
 import torch
-from pydantic import PositiveInt
+from pydantic import NonNegativeInt, PositiveInt
 
 from compressor.config.base import StrictModel
 
 
 class DeepSpeedConfig(StrictModel):
-    zero_stage: Literal[0, 1, 2, 3] = 2  # 3 is refused by LearnConfig (see its validator)
+    zero_stage: Literal[0, 1, 2, 3] = 2  # 3 needs maskllm.sample_every: micro_batch (see LearnConfig)
     world_size: PositiveInt = 1  # data-parallel ranks started by `compressor learn` (torch.multiprocessing)
     master_port: PositiveInt = 29533
+    # ZeRO-3 keeps parameters with fewer elements whole on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold): norms are not worth a gather each
+    zero3_persistence_threshold: NonNegativeInt = 100_000
 
 
 class Backend(ABC):
     rank: int = 0
     world_size: int = 1
+    # ZeRO-3: each rank holds a slice of every parameter, so gathers and forward passes are collective
+    partitioned: bool = False
 
     @abstractmethod
     def setup(self, model: torch.nn.Module, param_groups: list[dict], grad_accum: int, micro_batch: int) -> None: ...
@@ -56,6 +68,15 @@ class Backend(ABC):
 
     def close(self) -> None:
         pass
+
+    @contextmanager
+    def gathered(self, params: Iterable[torch.Tensor], write: bool = False) -> Iterator[None]:
+        """``params`` whole inside the block; a no-op unless ``partitioned``.
+
+        When partitioned, every rank must enter with the same params (the gather is collective);
+        ``write=True`` keeps in-place changes made in the block (rank 0's copy), otherwise they are dropped.
+        """
+        yield
 
 
 def adamw(param_groups: list[dict]) -> torch.optim.Optimizer:
@@ -97,6 +118,7 @@ class DeepSpeedBackend(Backend):
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.partitioned = cfg.zero_stage == 3
 
     def setup(self, model, param_groups, grad_accum, micro_batch) -> None:
         import deepspeed
@@ -112,6 +134,9 @@ class DeepSpeedBackend(Backend):
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
+        if self.partitioned:
+            config["zero_optimization"]["stage3_param_persistence_threshold"] = self.cfg.zero3_persistence_threshold
+        # Under ZeRO-3 this partitions the (already masked) model's parameters and hooks its modules.
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=params, config=config
         )
@@ -127,7 +152,26 @@ class DeepSpeedBackend(Backend):
         return self.optimizer.state_dict()
 
     def load_optimizer_state(self, state: Any) -> None:
-        self.optimizer.load_state_dict(state)
+        if self.cfg.zero_stage == 0:
+            self.optimizer.load_state_dict(state)
+            return
+        # ZeRO's loaders take a list of every rank's state and pick their own; the state also holds this
+        # rank's fp32 master partition, which they copy back into the parameters.
+        self.optimizer.load_state_dict([state] * self.world_size)
+        if self.partitioned:
+            # ZeRO-3's loader re-partitions persistent (small, unpartitioned) parameters; gather them again
+            # as DeepSpeed's own checkpoint loading does.
+            self.optimizer.checkpoint_event_epilogue()
+
+    @contextmanager
+    def gathered(self, params: Iterable[torch.Tensor], write: bool = False) -> Iterator[None]:
+        if not self.partitioned:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if write else None):
+            yield
 
     def all_mean(self, value: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist

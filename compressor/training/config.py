@@ -72,11 +72,13 @@ class LearnConfig(MaskLearningConfig):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
 
     @model_validator(mode="after")
-    def _no_zero3(self) -> "LearnConfig":
-        # ZeRO-3 partitions the logits; the loop reads them whole between steps (flip rate, checkpoints,
-        # rank 0's evaluation, the final masks), which would need gathers on every rank.
-        if self.backend == "deepspeed" and self.deepspeed.zero_stage == 3:
-            raise ValueError("deepspeed.zero_stage 3 is not supported: it partitions the mask logits, which mask "
-                             "learning reads whole between steps; use zero_stage 1 or 2 (logits' optimizer state "
-                             "and gradients are still partitioned), or the Megatron TP/PP launcher for big models")
+    def _zero3_samples_per_micro_batch(self) -> "LearnConfig":
+        # ZeRO-3 partitions weights and logits; DeepSpeed gathers them only around a module's forward. A sample
+        # held for a whole step is drawn outside the forward, and its surrogate backward would need every
+        # layer's weights and logits gathered at once, defeating the partitioning.
+        if self.backend == "deepspeed" and self.deepspeed.zero_stage == 3 and self.maskllm.sample_every != "micro_batch":
+            raise ValueError("deepspeed.zero_stage 3 needs maskllm.sample_every: micro_batch: ZeRO-3 partitions the "
+                             "weights and mask logits, and the sample held for a whole step (sample_every: step, "
+                             "the default) is drawn outside the model's forward, where they are not gathered; "
+                             "set maskllm.sample_every: micro_batch, or use zero_stage 1 or 2")
         return self

@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +19,7 @@ from compressor.errors import NonFiniteError
 from compressor.methods.maskllm import (
     hold_samples, mask_stats, mask_train, set_schedule_state, sparse_weight_regularizer, step_surrogate,
 )
+from compressor.methods.maskllm.attach import pattern_ids
 from compressor.methods.maskllm.config import MaskLLMConfig
 from compressor.training.backends import Backend
 from compressor.training.checkpoint import (
@@ -41,6 +42,18 @@ def schedule_at(mcfg: MaskLLMConfig, step: int, total: int) -> tuple[float, floa
     return (mcfg.tau.value_at(step, total), mcfg.kappa.value_at(step, total), mcfg.regularizer.value_at(step, total))
 
 
+def gathered_layers(masks: dict[str, Any], backend: Backend, write: bool = False) -> Iterator[tuple[str, Any]]:
+    """(name, mask) with that mask's logits whole, one layer at a time (ZeRO-3 gathers and re-partitions
+    each in turn: every rank must run the whole loop). ``write``: keep in-place changes to the logits."""
+    for name, m in masks.items():
+        with backend.gathered([m.logits], write=write):
+            yield name, m
+
+
+def gathered_pattern_ids(masks: dict[str, Any], backend: Backend) -> dict[str, torch.Tensor]:
+    return {n: pattern_ids(m.argmax_patterns()) for n, m in gathered_layers(masks, backend)}
+
+
 def train_masks(
     model: torch.nn.Module,
     masks: dict[str, Any],
@@ -59,7 +72,7 @@ def train_masks(
     if found is not None:
         start, shared, mine = load_checkpoint(found, backend.rank)
         with torch.no_grad():
-            for name, m in masks.items():
+            for name, m in gathered_layers(masks, backend, write=True):
                 m.logits.copy_(shared["logits"][name])
         backend.load_optimizer_state(mine["optimizer"])
         stream.load_state_dict(mine["stream"])
@@ -69,7 +82,7 @@ def train_masks(
         history = History(**shared["history"])
         log.info("resumed from %s at step %d", found, start)
     tokens_per_step = tokens_per_step or tcfg.micro_batch_size * tcfg.grad_accum * tcfg.seq_len * backend.world_size
-    prev_argmax = {n: m.argmax_patterns() for n, m in masks.items()}
+    prev_argmax = gathered_pattern_ids(masks, backend)
     if evaluate is not None and tcfg.eval_every and start == 0:  # the starting point of the curve: the prior
         mask_train(masks, False)
         history.evals.append({"step": 0, "tokens": 0, "perplexity": evaluate()})
@@ -106,8 +119,9 @@ def train_masks(
         done = step + 1
         bar.update(1)
         if done % tcfg.log_every == 0 or done == tcfg.steps:
-            stats = mask_stats(masks, prev_argmax)
-            prev_argmax = {n: m.argmax_patterns() for n, m in masks.items()}
+            current: dict[str, torch.Tensor] = {}
+            stats = mask_stats(gathered_layers(masks, backend), prev_argmax, current)
+            prev_argmax = current
             seconds = time.perf_counter() - window_start
             row = log_row(done, tokens_per_step, float(window_loss / window_steps), (tau, kappa, lam), stats,
                           seconds, window_steps)
@@ -152,9 +166,12 @@ def _check_finite(loss: torch.Tensor, step: int, checkpoint_root: Path) -> None:
 
 def _save(root: Path, step: int, masks: dict[str, Any], backend: Backend, stream, history: History, keep: int) -> None:
     shared = None
+    logits = {}
+    for n, m in gathered_layers(masks, backend):  # every rank takes part in the gathers; rank 0 keeps a copy
+        if backend.is_main:
+            logits[n] = m.logits.detach().clone()
     if backend.is_main:
-        shared = {"logits": {n: m.logits.detach().clone() for n, m in masks.items()},
-                  "history": {"logs": history.logs, "evals": history.evals}}
+        shared = {"logits": logits, "history": {"logs": history.logs, "evals": history.evals}}
     mine = {"optimizer": backend.optimizer_state(), "stream": stream.state_dict(), "rng": rng_state(),
             "mask_rng": {n: m.generator.get_state() for n, m in masks.items()}}
     save_checkpoint(root, step, backend.rank, shared, mine, backend.barrier, keep)

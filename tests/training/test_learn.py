@@ -113,11 +113,6 @@ def test_non_finite_loss_stops_with_the_checkpoint_intact(tmp_path, tiny_llama_d
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_0000002"
 
 
-def test_zero3_is_refused_with_the_reason(tiny_llama_dir, text_file):
-    with pytest.raises(ConfigError, match="zero_stage 3 is not supported: it partitions"):
-        _cfg(tiny_llama_dir, text_file, backend="deepspeed", deepspeed={"zero_stage": 3})
-
-
 def test_a_prior_for_other_layers_is_an_error(tmp_path, tiny_llama_dir, text_file):
     from compressor.checkpoints.masks import save_masks
 

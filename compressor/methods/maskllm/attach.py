@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping, Optional, Union
+from typing import Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -184,23 +184,37 @@ def step_surrogate(masks: Masks, held: Mapping[str, torch.Tensor], lam: float) -
 
 
 @torch.no_grad()
-def mask_stats(masks: Masks, prev_argmax: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, float]:
+def mask_stats(
+    masks: Union[Masks, Iterable[tuple[str, NMMaskParametrization]]],
+    prev_argmax: Optional[Mapping[str, torch.Tensor]] = None,
+    argmax_out: Optional[dict[str, torch.Tensor]] = None,
+) -> dict[str, float]:
     """Mean max-probability over all groups and, given earlier ``argmax_patterns()``, the flip rate.
 
-    ``flip_rate`` = fraction of groups whose argmax pattern changed since ``prev_argmax``.
+    ``flip_rate`` = fraction of groups whose argmax pattern changed since ``prev_argmax``. ``masks`` may
+    be an iterator of (name, mask) that gathers each layer in turn (ZeRO-3). ``argmax_out`` receives
+    each layer's pattern ids (uint8 on the CPU, a byte per group), the next call's ``prev_argmax``.
     """
     groups = changed = 0
     weighted_prob = 0.0
-    for name, m in masks.items():
+    for name, m in (masks.items() if isinstance(masks, Mapping) else masks):
         argmax = m.argmax_patterns()
         groups += argmax.numel()
         weighted_prob += m.max_prob() * argmax.numel()
         if prev_argmax is not None:
             changed += int((argmax != prev_argmax[name].to(argmax.device)).sum())
+        if argmax_out is not None:
+            argmax_out[name] = pattern_ids(argmax)
     stats = {"max_prob": weighted_prob / max(groups, 1), "groups": float(groups)}
     if prev_argmax is not None:
         stats["flip_rate"] = changed / max(groups, 1)
     return stats
+
+
+def pattern_ids(argmax: torch.Tensor) -> torch.Tensor:
+    """Argmax patterns kept between log steps: on the CPU in one byte each (at most 256 patterns), so
+    no rank holds a model-sized int64 tensor on its device."""
+    return argmax.to("cpu", torch.uint8)
 
 
 def mask_memory_bytes(masks: Masks, optimizer: str = "adamw") -> dict[str, float]:
