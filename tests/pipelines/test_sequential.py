@@ -123,3 +123,36 @@ def test_row_chunks_split_only_the_layers_that_dominate_a_block():
     assert all(chunks[n] == [(0, r)] for n, (r, _) in costs.items() if n != "down")
     assert all(v == [(0, r)] for v, (r, _) in zip(row_chunks(costs, workers=1).values(), costs.values()))
     assert row_chunks({"tiny": (3, 100), "x": (8, 1)}, workers=64)["tiny"] == [(0, 1), (1, 2), (2, 3)]
+
+
+class _Recording(InProcessExecutor):
+    """In-process jobs, but planned as for ``workers`` parallel workers; records each job's weight rows."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers, self.rows = workers, []
+
+    @property
+    def parallelism(self) -> int:
+        return self.workers
+
+    def submit(self, fn, *args, **kwargs):
+        if fn.__name__ == "solve_layer":
+            self.rows.append((args[0].name, args[1].shape[0]))
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.mark.parametrize("method, options", [("sparsegpt", SparseGPTOptions()),
+                                             ("sparseswaps", SparseSwapsOptions(warm_start="sparsegpt"))])
+def test_row_slices_for_parallel_workers_give_the_same_model(tiny_llama_dir, method, options):
+    plan = OneShotPlan(method, NM(2, 4), options, SparseGPTOptions(), batch_size=4, layer_error=False)
+    runs = {}
+    for workers in (1, 4):
+        loaded = load_model(str(tiny_llama_dir))
+        executor = _Recording(workers)
+        runs[workers] = (prune_sequential(loaded.model, loaded.arch, WINDOWS, plan, executor), loaded.model, executor)
+    (one, model_one, ex_one), (four, model_four, ex_four) = runs[1], runs[4]
+    assert len(ex_four.rows) > len(ex_one.rows) == len(one.masks)  # some layers really were split
+    for name in one.masks:
+        assert torch.equal(one.masks[name], four.masks[name]), name
+    for name, p in model_one.named_parameters():
+        torch.testing.assert_close(p, model_four.get_parameter(name), rtol=1e-5, atol=1e-6)
