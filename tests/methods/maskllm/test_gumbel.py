@@ -146,3 +146,18 @@ def test_fused_soft_mask_equals_the_composed_ops_forward_and_backward(nm, tau, k
     scale = ref_logits.grad.abs().max()
     assert scale > 0
     torch.testing.assert_close(logits.grad / scale, ref_logits.grad / scale, rtol=0, atol=1e-5)
+
+
+def test_cold_soft_masks_hold_no_denormal_numbers():
+    # At the end of the schedule (tau 0.05, kappa 500) the losing patterns' weights underflow; as
+    # denormals they would slow every CPU matrix product with W * mask about a hundredfold.
+    torch.manual_seed(0)
+    patterns = nm_patterns(NM(2, 4)).float()
+    logits = (torch.randn(64, 32, 6) * 0.05).requires_grad_(True)
+    mask = gumbel_soft_mask(logits, 0.05, 500.0, patterns, torch.Generator().manual_seed(1))
+    weight = torch.randn(64, 128) * 0.02
+    tiny = torch.finfo(torch.float32).tiny
+    for values in (mask, weight * mask):
+        assert not ((values != 0) & (values.abs() < tiny)).any()
+    (weight * mask).sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
