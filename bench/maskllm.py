@@ -111,7 +111,10 @@ def step_ratio(seq_len: int, batch: int, accums: list[int], repeats: int = 2) ->
     return out
 
 
-def run_row(name: str, out: Path, sets: list[str]) -> dict:
+def run_row(name: str, out: Path, sets: list[str], reuse: bool = False) -> dict:
+    if reuse and (out / "report.json").is_file():
+        print(f"reusing the finished run {out}", flush=True)
+        return json.loads((out / "report.json").read_text())
     cmd = [sys.executable, "-m", "compressor.cli", "learn", "--config", str(CONFIG), "--output", str(out), "--overwrite"]
     cmd += [a for s in sets for a in ("--set", s)]
     print("+", " ".join(cmd), flush=True)
@@ -131,6 +134,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-windows", type=int, default=32, help="quick variant of the perplexity (first N windows)")
     ap.add_argument("--rows", nargs="+", default=["sparsegpt-prior", "no-prior"])
+    ap.add_argument("--reuse", action="store_true", help="take a row's finished run (its report.json) as it is, "
+                    "e.g. one finished with `compressor learn --resume` after an interruption")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-maskllm"))
     ap.add_argument("--ratio-only", nargs="*", type=int, metavar="K",
                     help="only measure the step time against plain forward+backward for K micro-batches per step")
@@ -154,7 +159,7 @@ def main() -> None:
     prior_report = json.loads((Path(args.prior_run) / "report.json").read_text())
     results = {}
     for row in args.rows:
-        report = run_row(row, Path(args.out) / row, common + priors[row])
+        report = run_row(row, Path(args.out) / row, common + priors[row], args.reuse)
         logs = report["history"]["logs"]
         steady = logs[1:] or logs  # the first window includes warm-up
         results[row] = {

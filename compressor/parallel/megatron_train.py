@@ -51,6 +51,7 @@ from compressor.parallel.megatron_model import (
     open_hf_folder,
 )
 from compressor.training.loop import log_row, schedule_at
+from compressor.utils.env import flush_denormals
 from compressor.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -313,6 +314,7 @@ def train_rank(cfg: DistributedLearnConfig, output: str) -> Optional[dict[str, A
     data-parallel size); calling again with more ``train.steps`` continues a finished run.
     """
     init_distributed(cfg.parallel.timeout_minutes)
+    flush_denormals()
     try:
         return _train(cfg, Path(output))
     finally:

@@ -22,6 +22,7 @@ from compressor.methods.maskllm import (
 from compressor.methods.maskllm.attach import pattern_ids
 from compressor.methods.maskllm.config import MaskLLMConfig
 from compressor.training.backends import Backend
+from compressor.utils.env import flush_denormals
 from compressor.training.checkpoint import (
     latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
@@ -68,6 +69,7 @@ def train_masks(
     """Train ``masks`` (attached to ``model``) for ``tcfg.steps`` optimizer steps, resuming if possible."""
     history = History()
     start = 0
+    flush_denormals()
     found = latest_checkpoint(checkpoint_root)
     if found is not None:
         start, shared, mine = load_checkpoint(found, backend.rank)
