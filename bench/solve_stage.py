@@ -1,0 +1,88 @@
+"""The one-shot solve stage alone: one SmolLM2-135M-shaped decoder block (q/k/v/o/gate/up/down with
+their real shapes; Gram matrices from random inputs, since SparseGPT's cost does not depend on their
+values) solved by `_solve_block` in process and with 1 and 2 Ray workers. Reports medians over
+repetitions; complements `bench/oneshot.py`, whose solve figure comes from one whole run.
+
+    python bench/solve_stage.py --repeats 8
+Writes bench/results/solve_stage.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {"self_attn.q_proj": (576, 576, "attn_in"), "self_attn.k_proj": (192, 576, "attn_in"),
+          "self_attn.v_proj": (192, 576, "attn_in"), "self_attn.o_proj": (576, 576, "attn_out"),
+          "mlp.gate_proj": (1536, 576, "mlp_in"), "mlp.up_proj": (1536, 576, "mlp_in"),
+          "mlp.down_proj": (576, 1536, "mlp_out")}
+
+
+def block_problem(tokens: int = 4096):
+    from compressor.calibration.stats import InputStats
+    from compressor.models.layers import LinearTarget
+
+    g = torch.Generator().manual_seed(0)
+    block, targets, stats = nn.Module(), [], {}
+    for rel, (out, inp, group) in SHAPES.items():
+        parent = block
+        for part in rel.split(".")[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(rel.split(".")[-1], nn.Linear(inp, out, bias=False))
+        targets.append(LinearTarget(rel, 0, rel, group, out, inp))
+        if group not in stats:
+            x = torch.randn(tokens, inp, generator=g, dtype=torch.float64)
+            stats[group] = InputStats("gram", inp, tokens, gram=x.T @ x)
+    return block, targets, stats
+
+
+def time_executor(kind: str, workers: int, repeats: int) -> list[float]:
+    from compressor.execution.base import ExecutorConfig, make_executor
+    from compressor.methods.registry import SparseGPTOptions
+    from compressor.pipelines.sequential import OneShotPlan, _solve_block
+    from compressor.sparsity import NM
+
+    block, targets, stats = block_problem()
+    plan = OneShotPlan("sparsegpt", NM(2, 4), SparseGPTOptions())
+    torch.set_num_threads(1)  # as each Ray task does
+    with make_executor(ExecutorConfig(kind=kind, num_cpus=workers, object_store_mb=500)) as executor:
+        _solve_block(block, targets, stats, plan, executor)  # warm-up: worker start, imports
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            _solve_block(block, targets, stats, plan, executor)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=8)
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    rows = {"in-process": time_executor("inprocess", 1, args.repeats),
+            "ray, 1 worker": time_executor("ray", 1, args.repeats),
+            "ray, 2 workers": time_executor("ray", 2, args.repeats)}
+    medians = {k: statistics.median(v) for k, v in rows.items()}
+    speedup = medians["ray, 1 worker"] / medians["ray, 2 workers"]
+    print(f"{'executor':16s} {'median s/block':>14s}")
+    for k, m in medians.items():
+        print(f"{k:16s} {m:14.3f}")
+    print(f"2 workers vs 1: {speedup:.2f}x")
+    out = {"what": "SparseGPT 2:4, one SmolLM2-135M-shaped block, _solve_block", "repeats": args.repeats,
+           "seconds": rows, "median_seconds": medians, "speedup_2_vs_1": round(speedup, 3)}
+    (ROOT / "bench" / "results" / "solve_stage.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
