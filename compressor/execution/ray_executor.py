@@ -99,7 +99,8 @@ class RayExecutor(Executor):
         self._remote = ray.remote(_run_with_threads).options(
             num_cpus=cfg.task_cpus, num_gpus=cfg.task_gpus, max_retries=cfg.max_retries
         )
-        self._warm = [self._remote.remote(1, _warm_up) for _ in range(min(self.parallelism, 64))]  # not waited for
+        for _ in range(min(self.parallelism, 64)):  # not waited for: they run while the driver works
+            self._remote.remote(1, _warm_up)
 
     @property
     def parallelism(self) -> int:

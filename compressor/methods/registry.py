@@ -122,7 +122,7 @@ def _one_shot_mask(
     if method == "wanda":
         return wanda_mask(weight, stats.norms_sq, job.sparsity, what), None
     if method == "sparsegpt":
-        opts = job.options if isinstance(job.options, SparseGPTOptions) else (job.sparsegpt or SparseGPTOptions())
+        opts = _sparsegpt_options(job)
         res = sparsegpt(
             weight, stats.gram, job.sparsity, what=what, factor=factor,
             damp=opts.damp, block_size=opts.block_size, update_weights=opts.update_weights,

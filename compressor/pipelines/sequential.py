@@ -112,7 +112,7 @@ def _solve_block(
     separable = STATS_NEEDED[plan.method] == "gram" and all(row_separable(j) for j in jobs.values())
     chunks = row_chunks(costs, executor.parallelism if separable else 1)
     order = sorted(((t, r0, r1) for t in targets for r0, r1 in chunks[t.name]),
-                   key=lambda c: -(c[2] - c[1]) * c[0].in_features ** 2)
+                   key=lambda c: -costs[c[0].name][1] * (c[2] - c[1]) / c[0].out_features)
     handles = []
     for t, r0, r1 in order:
         weight = block.get_submodule(t.rel).weight.detach()[r0:r1]

@@ -17,6 +17,7 @@ from compressor.checkpoints.masks import load_masks, save_masks
 from compressor.errors import ConfigError
 from compressor.execution.base import InProcessExecutor
 from compressor.methods.maskllm import attach_masks, mask_memory_bytes, prior_agreement, remove_masks
+from compressor.methods.maskllm.gumbel import hard_mask
 from compressor.methods.registry import STATS_NEEDED
 from compressor.models.checks import assert_finite_weights
 from compressor.models.layers import prunable_linears
@@ -25,7 +26,7 @@ from compressor.reporting.plots import plot_lines
 from compressor.runs.common import evaluate, eval_windows_for, finish_report, save_or_check_config
 from compressor.training.backends import Backend, DeepSpeedBackend, SingleProcessBackend
 from compressor.training.config import LearnConfig
-from compressor.training.loop import backend_grad_accum, gathered_layers, train_masks
+from compressor.training.loop import backend_grad_accum, gathered_logits, train_masks
 from compressor.utils.fs import atomic_dir, prepare_output_dir
 from compressor.utils.logging import get_logger, setup_logging
 from compressor.utils.timing import PhaseTimer
@@ -129,11 +130,9 @@ def run_learn(cfg: LearnConfig, output: str | Path, overwrite: bool = False, res
                               "history": {"logs": history.logs, "evals": history.evals},
                               "memory_per_masked_weight": memory, "prior_agreement": agreement}
     with timer.phase("save"):
-        hard, logits = {}, {}
-        for name, m in gathered_layers(masks, backend):
-            if backend.is_main:
-                hard[f"{name}.weight"] = m.hard_mask()
-                logits[f"{name}.weight"] = m.logits.detach().float().clone()
+        logits = {f"{n}.weight": t.float() for n, t in gathered_logits(masks, backend).items()}
+        # the hard masks are the logits' argmax patterns: no second gather
+        hard = {name: hard_mask(t, masks[name[: -len(".weight")]].patterns) for name, t in logits.items()}
         # ZeRO-3 keeps the masks attached (their hard mode computes the same W * hard mask for the final
         # evaluation) and rank 0 writes the baked weights it gathers layer by layer.
         state = _baked_state_dict(model, masks, backend) if backend.partitioned else None

@@ -51,6 +51,11 @@ def gathered_layers(masks: dict[str, Any], backend: Backend, write: bool = False
             yield name, m
 
 
+def gathered_logits(masks: dict[str, Any], backend: Backend) -> dict[str, torch.Tensor]:
+    """{name: a copy of the whole logits} on rank 0 ({} elsewhere); every rank takes part in the gathers."""
+    return {n: m.logits.detach().clone() for n, m in gathered_layers(masks, backend) if backend.is_main}
+
+
 def gathered_pattern_ids(masks: dict[str, Any], backend: Backend) -> dict[str, torch.Tensor]:
     return {n: pattern_ids(m.argmax_patterns()) for n, m in gathered_layers(masks, backend)}
 
@@ -168,10 +173,7 @@ def _check_finite(loss: torch.Tensor, step: int, checkpoint_root: Path) -> None:
 
 def _save(root: Path, step: int, masks: dict[str, Any], backend: Backend, stream, history: History, keep: int) -> None:
     shared = None
-    logits = {}
-    for n, m in gathered_layers(masks, backend):  # every rank takes part in the gathers; rank 0 keeps a copy
-        if backend.is_main:
-            logits[n] = m.logits.detach().clone()
+    logits = gathered_logits(masks, backend)
     if backend.is_main:
         shared = {"logits": logits, "history": {"logs": history.logs, "evals": history.evals}}
     mine = {"optimizer": backend.optimizer_state(), "stream": stream.state_dict(), "rng": rng_state(),
