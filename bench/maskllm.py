@@ -23,92 +23,93 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "learn" / "smollm2_wikitext.yaml"
 
 
-def plain_step_seconds(seq_len: int, batch: int, repeats: int = 3) -> float:
-    """Median seconds of forward + backward of the dense model with frozen weights (gradients reach
-    only the input embeddings), the yardstick for the masked step."""
+def plain_pass(model, ids) -> float:
+    """Seconds of one forward + backward of the dense model with frozen weights (gradients reach only
+    the input embeddings): the yardstick for the masked step."""
+    start = time.perf_counter()
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    model(inputs_embeds=embeds, labels=ids).loss.backward()
+    return time.perf_counter() - start
+
+
+def frozen_model_and_batch(seq_len: int, batch: int):
     import torch
 
     from compressor.models import load_model
 
-    model = load_model("smollm2-135m").model
-    for p in model.parameters():
+    loaded = load_model("smollm2-135m")
+    for p in loaded.model.parameters():
         p.requires_grad_(False)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        model(inputs_embeds=embeds, labels=ids).loss.backward()
-        times.append(time.perf_counter() - start)
-    times = sorted(times[1:])
-    return times[len(times) // 2]
+    ids = torch.randint(0, loaded.model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    return loaded, ids
 
 
-def step_ratio(seq_len: int, batch: int, accums: list[int], repeats: int = 2) -> dict:
-    """In one process, back to back: a plain frozen forward+backward per micro-batch against a mask
-    step (hold one sample, k masked micro-batches, one surrogate backward, AdamW), for each k in
-    ``accums``; also the parts, to show where the time goes."""
+def plain_step_seconds(seq_len: int, batch: int, repeats: int = 3) -> float:
+    """Median seconds of ``plain_pass`` after a warm-up."""
     import statistics
 
-    import torch
+    loaded, ids = frozen_model_and_batch(seq_len, batch)
+    plain_pass(loaded.model, ids)
+    return statistics.median(plain_pass(loaded.model, ids) for _ in range(repeats))
+
+
+def step_ratio(seq_len: int, batch: int, accums: list[int], repeats: int = 3) -> dict:
+    """In one process: a plain forward+backward of the dense model with frozen weights (gradients reach
+    only the input embeddings) against a mask step (hold one sample, k masked micro-batches, one
+    surrogate backward, AdamW), for each k in ``accums``. Each repeat times a plain pass right before
+    each mask step, and the ratio is the median over repeats of step / (k x that plain pass), so a
+    machine whose speed drifts (shared hosts) does not bias it. Also the parts of a step, medians."""
+    import statistics
 
     from compressor.methods.maskllm import (
         MaskLLMConfig, attach_masks, hold_samples, mask_train, set_schedule_state, step_surrogate,
     )
-    from compressor.models import load_model
     from compressor.models.layers import prunable_linears
     from compressor.training.backends import adamw
 
-    loaded = load_model("smollm2-135m")
+    loaded, ids = frozen_model_and_batch(seq_len, batch)
     model = loaded.model
-    for p in model.parameters():
-        p.requires_grad_(False)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-
-    def timed(fn) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    def plain() -> None:
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        model(inputs_embeds=embeds, labels=ids).loss.backward()
-
-    plain_s = timed(plain)
+    dense = frozen_model_and_batch(seq_len, batch)[0].model  # a twin without masks for the plain passes
+    plain_pass(dense, ids)  # warm-up
     names = [t.name for t in prunable_linears(model, loaded.arch, [".*"], [])]
     masks = attach_masks(model, names, MaskLLMConfig())
     mask_train(masks, True)
     set_schedule_state(masks, 4.0, 100.0)
     optimizer = adamw([{"params": [m.logits for m in masks.values()], "lr": 1e-4}])
-    parts: dict[str, float] = {}
+    parts: dict[str, list[float]] = {"hold_sample": [], "masked_micro_batch": [], "surrogate_backward": [],
+                                     "optimizer": []}
 
-    def step(k: int, record: bool = False) -> None:
+    def step(k: int) -> float:
         t0 = time.perf_counter()
-        held = hold_samples(model, masks)
+        hold_samples(model, masks)
         t1 = time.perf_counter()
         for _ in range(k):
             (model(input_ids=ids, labels=ids, use_cache=False).loss / k).backward()
         t2 = time.perf_counter()
-        step_surrogate(masks, held, 1e-5).backward()
+        step_surrogate(masks, 1e-5).backward()
         t3 = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if record:
-            parts.update(hold_sample=t1 - t0, masked_micro_batch=(t2 - t1) / k, surrogate_backward=t3 - t2,
-                         optimizer=time.perf_counter() - t3)
+        t4 = time.perf_counter()
+        for key, value in zip(parts, (t1 - t0, (t2 - t1) / k, t3 - t2, t4 - t3)):
+            parts[key].append(value)
+        return t4 - t0
 
-    out = {"plain_fwd_bwd_seconds": plain_s, "ratios": {}}
-    for k in accums:
-        seconds = timed(lambda: step(k))
-        out["ratios"][str(k)] = round(seconds / (k * plain_s), 3)
-    step(1, record=True)
-    out["parts_seconds"] = {k: round(v, 3) for k, v in parts.items()}
-    out["masked_micro_vs_plain"] = round(parts["masked_micro_batch"] / plain_s, 3)
-    return out
+    step(1)  # warm-up
+    for values in parts.values():
+        values.clear()
+    plains: list[float] = []
+    ratios: dict[int, list[float]] = {k: [] for k in accums}
+    for _ in range(repeats):
+        for k in accums:
+            plains.append(plain_pass(dense, ids))
+            ratios[k].append(step(k) / (k * plains[-1]))
+    plain_s = statistics.median(plains)
+    masked_micro = statistics.median(parts["masked_micro_batch"])
+    return {"repeats": repeats, "plain_fwd_bwd_seconds": round(plain_s, 3),
+            "ratios": {str(k): round(statistics.median(v), 3) for k, v in ratios.items()},
+            "parts_seconds": {k: round(statistics.median(v), 3) for k, v in parts.items()},
+            "masked_micro_vs_plain": round(masked_micro / plain_s, 3)}
 
 
 def run_row(name: str, out: Path, sets: list[str], reuse: bool = False) -> dict:

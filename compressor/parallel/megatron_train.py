@@ -147,13 +147,13 @@ def step_gradients(model, masks: MaskSet, windows: Sequence[torch.Tensor], lam: 
         records = forward_backward(model, masks, windows, lam)
     else:
         plain = as_mask_dict(masks)
-        held = hold_samples(original_weights(model, masks), plain)
+        hold_samples(original_weights(model, masks), plain)
         try:
             records = forward_backward(model, masks, windows, lam=0.0)  # the regulariser is in the surrogate
         except BaseException:
             release_samples(plain)  # a failed step must not leave the next forward on a stale sample
             raise
-        step_surrogate(plain, held, lam).backward()
+        step_surrogate(plain, lam).backward()
     allreduce_logit_grads(masks, layout)
     return records
 

@@ -80,8 +80,9 @@ class Backend(ABC):
 
 
 def adamw(param_groups: list[dict]) -> torch.optim.Optimizer:
-    # foreach=False: the per-parameter loop is deterministic and frugal with memory on CPU
-    return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=False)
+    # fused: one multi-threaded pass per tensor, deterministic and without foreach's temporaries
+    # (measured on 159 M SmolLM2 logits: 4-5x faster than the per-parameter loop)
+    return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
 
 
 class SingleProcessBackend(Backend):

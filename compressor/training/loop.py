@@ -104,7 +104,8 @@ def train_masks(
         set_schedule_state(masks, tau, kappa)
         step_loss = torch.zeros((), dtype=torch.float64)
         per_step = mcfg.sample_every == "step"
-        held = hold_samples(model, masks) if per_step else None
+        if per_step:
+            hold_samples(model, masks)
         for _ in range(tcfg.grad_accum):
             ids = stream.next_batch(tcfg.micro_batch_size)  # (B, T)
             lm_loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -117,7 +118,7 @@ def train_masks(
                 backend.backward(loss)
             step_loss += lm_loss.detach().double() / tcfg.grad_accum
         if per_step:
-            surrogate = step_surrogate(masks, held, lam)
+            surrogate = step_surrogate(masks, lam)
             _check_finite(surrogate, step, checkpoint_root)
             backend.backward(surrogate)
         backend.step()

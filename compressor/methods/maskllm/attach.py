@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 from compressor.methods.maskllm.config import MaskLLMConfig
 from compressor.methods.maskllm.mask import DTYPES, NMMaskParametrization
+from compressor.utils.threads import thread_map
 
 Masks = dict[str, NMMaskParametrization]
 
@@ -139,13 +140,14 @@ def sparse_weight_regularizer(source: Union[nn.Module, Mapping[str, NMMaskParame
 
 
 def hold_samples(source: Union[nn.Module, Mapping[str, torch.Tensor]], masks: Masks) -> dict[str, torch.Tensor]:
-    """Draw one soft sample per mask for a whole optimizer step: {name: W * mask with its graph}.
+    """Draw one soft sample per mask for a whole optimizer step: {name: W * mask, a leaf served to forwards}.
 
     ``source`` is the model the masks were attached to by name (``attach_masks``), or the unmasked
     weights W (out, in) by mask name, for masks whose names are not module paths of one model (a
     megatron pipeline stage names them globally). Every forward until ``step_surrogate`` reuses the
     sample, so the cost of sampling (and of its backward) is paid once per step instead of once per
-    micro-batch.
+    micro-batch. Layers are sampled side by side on threads (each with its own generator, so the
+    draws do not depend on the threading).
     """
     if isinstance(source, nn.Module):
         weights = {name: source.get_submodule(name).parametrizations.weight.original for name in masks}
@@ -155,7 +157,9 @@ def hold_samples(source: Union[nn.Module, Mapping[str, torch.Tensor]], masks: Ma
             raise ValueError(f"hold_samples: no weight given for mask {missing[0]!r} "
                              f"({len(missing)} of {len(masks)} missing)")
         weights = dict(source)
-    return {name: m.hold_sample(weights[name]) for name, m in masks.items()}
+    names = list(masks)
+    held = thread_map(lambda n: masks[n].hold_sample(weights[n]), names, cost=lambda n: masks[n].logits.numel())
+    return dict(zip(names, held))
 
 
 def release_samples(masks: Masks) -> None:
@@ -164,23 +168,20 @@ def release_samples(masks: Masks) -> None:
         m.release_sample()
 
 
-def step_surrogate(masks: Masks, held: Mapping[str, torch.Tensor], lam: float) -> torch.Tensor:
+def step_surrogate(masks: Masks, lam: float) -> torch.Tensor:
     """Release the held samples; returns a scalar whose gradient is the step's gradient of the loss.
 
-    sum <W * mask, G> with G = d loss / d (W * mask) accumulated by the micro-batches, minus the
-    regulariser lambda * ||W * mask||^2. Its value is not a loss; call backward on it once.
+    Each mask turns the G = d loss / d (W * mask) its micro-batches accumulated, and the regulariser
+    -lambda * ||W * mask||^2, into its parameters' gradients (``sample_gradients``, on threads); the
+    surrogate is sum <p, grad p> over them, so one backward (through whichever engine owns the
+    parameters, e.g. DeepSpeed's) delivers exactly those gradients. Its value is not a loss.
     """
-    terms = []
-    for name, m in masks.items():
-        grad = m.release_sample()
-        masked = held[name]
-        if grad is not None:
-            terms.append((masked * grad).sum())
-        if lam > 0:
-            terms.append(-lam * masked.float().pow(2).sum())
+    values = list(masks.values())
+    grads = thread_map(lambda m: m.sample_gradients(lam), values, cost=lambda m: m.logits.numel())
+    terms = [torch.dot(p.float().reshape(-1), g.reshape(-1)) for pairs in grads for p, g in pairs]
     if not terms:
         raise RuntimeError("step_surrogate: no micro-batch used the held masks; run the model forward in between")
-    return torch.stack([t.float() for t in terms]).sum()
+    return torch.stack(terms).sum()
 
 
 @torch.no_grad()

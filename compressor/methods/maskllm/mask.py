@@ -24,7 +24,9 @@ from torch import nn
 
 from compressor.errors import NonFiniteError, SparsityPatternError
 from compressor.methods.maskllm.config import check_pattern_count
-from compressor.methods.maskllm.gumbel import gumbel_soft_mask, hard_mask, prior_offsets
+from compressor.methods.maskllm.gumbel import (
+    gumbel_noise, gumbel_soft_mask, hard_mask, logit_grad, perturbed_probs_, prior_offsets, soft_mask,
+)
 from compressor.sparsity import NM, assert_nm, check_divisible, nm_patterns
 from compressor.utils.logging import get_logger
 
@@ -70,6 +72,7 @@ class NMMaskParametrization(nn.Module):
         self.last_masked: Optional[torch.Tensor] = None
         # A sample held for all micro-batches of one optimizer step (see ``hold_sample``).
         self.held: Optional[torch.Tensor] = None
+        self._sample: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None  # (W, probs, kappa / tau)
         self.train(False)  # hard masks until the trainer asks for learning
 
     # -- forward --------------------------------------------------------------------------------
@@ -87,29 +90,58 @@ class NMMaskParametrization(nn.Module):
         self.last_masked = masked
         return masked
 
+    @torch.no_grad()
     def hold_sample(self, weight: torch.Tensor) -> torch.Tensor:
-        """Draw one soft sample W * mask and serve it to every forward until ``release_sample``.
+        """Draw one soft sample W * mask and serve it to every forward until it is released.
 
-        Forwards see a detached leaf copy, so micro-batch backward passes only accumulate
-        d loss / d (W * mask) on it; ``release_sample`` then backpropagates into the logits once.
-        Returns the sample with its graph (for the regulariser).
+        Forwards see it as a leaf that requires grad, so micro-batch backward passes only accumulate
+        G = d loss / d (W * mask) on it; ``sample_gradients`` then turns G into the logits' gradient
+        once. No autograd graph is kept: the probabilities are all the backward needs.
         """
         if not self.training:
             raise RuntimeError(f"{self.name}: hold_sample needs a training (soft) mask; call mask_train(masks, True)")
-        masked = self.forward(weight)
-        self.held = masked.detach().requires_grad_(True)
-        return masked
+        if tuple(weight.shape) != self.shape:
+            raise SparsityPatternError(
+                f"{self.name}: the mask was built for a weight of shape {self.shape}, got {tuple(weight.shape)}"
+            )
+        noise = gumbel_noise(self.logits, self.generator, self.noise)  # (out, G, C)
+        probs = perturbed_probs_(noise, self.logits, self.tau, self.kappa)  # (out, G, C)
+        masked = soft_mask(probs, self.patterns).to(weight.dtype).mul_(weight)  # (out, in)
+        self._sample = (weight, probs, self.kappa / self.tau)
+        self.held = masked.requires_grad_(True)
+        return self.held
 
-    def release_sample(self) -> Optional[torch.Tensor]:
-        """Stop serving the held sample; returns the gradient its forwards accumulated (None if unused)."""
-        grad = None if self.held is None else self.held.grad
-        self.held = None
-        return grad
+    @torch.no_grad()
+    def sample_gradients(self, lam: float = 0.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Release the held sample; returns [(parameter, gradient)] of (loss - lam * ||W * mask||^2).
+
+        The loss gradient is the G its forwards accumulated on the sample. d/d mask = W * (G - 2 lam W * mask)
+        goes through the softmax to the logits (``logit_grad``); with trainable weights, W gets
+        mask * (G - 2 lam W * mask). Empty if no forward used the sample and lam is 0.
+        """
+        if self.held is None:
+            raise RuntimeError(f"{self.name}: no held sample to release; call hold_sample first")
+        held, (weight, probs, scale) = self.held, self._sample
+        self.held, self._sample = None, None
+        if held.grad is None and lam == 0:
+            return []
+        g = held.grad.float() if held.grad is not None else torch.zeros(held.shape, device=held.device)
+        if lam > 0:
+            g.sub_(held.detach().float(), alpha=2 * lam)  # (out, in) d/d(W * mask) of the whole objective
+        grads = []
+        if weight.requires_grad:
+            grads.append((weight, soft_mask(probs, self.patterns).mul_(g)))
+        grads.append((self.logits, logit_grad(probs, self.patterns, g.mul_(weight), scale)))
+        return grads
+
+    def release_sample(self) -> None:
+        """Stop serving the held sample without using it (a step that failed in between)."""
+        self.held, self._sample = None, None
 
     def train(self, mode: bool = True) -> "NMMaskParametrization":
         if not mode:
             self.last_masked = None  # do not hold a weight-sized tensor while evaluating
-            self.held = None
+            self.release_sample()
         return super().train(mode)
 
     def set_noise(self, enabled: bool) -> None:
