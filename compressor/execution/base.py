@@ -3,8 +3,8 @@
 A job is a plain function plus arguments. ``put`` stores a large object once (for Ray: in the object
 store) and returns a handle that can be passed as a top-level argument to any number of jobs;
 ``submit`` starts a job and returns a handle, which may also be passed as a top-level argument to later
-jobs (they then start when it is done, and receive its result); ``gather`` waits for jobs in order,
-with a progress bar.
+jobs (they then start when it is done, and receive its result); ``wait`` returns when any job is
+done; ``gather`` waits for jobs in order, with a progress bar.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ class Executor(ABC):
     @abstractmethod
     def gather(self, handles: Sequence[Any], desc: str | None = None) -> list[Any]:
         """Results of the given jobs, in order."""
+
+    def wait(self, handles: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+        """Block until at least one of ``handles`` is done: (done, still pending), each in input order."""
+        return list(handles), []  # executors that run jobs at submit time
 
     def map(self, fn: Callable[..., Any], items: Sequence[Any], desc: str | None = None) -> list[Any]:
         return self.gather([self.submit(fn, item) for item in items], desc)

@@ -117,6 +117,14 @@ class RayExecutor(Executor):
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self._remote.remote(int(self.cfg.task_cpus), fn, *pack(args), **pack(kwargs))
 
+    def wait(self, handles: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+        import ray
+
+        ray.wait(list(handles), num_returns=1)  # block for the first, then take every one done by now
+        done, _ = ray.wait(list(handles), num_returns=len(handles), timeout=0)
+        finished = set(done)  # ObjectRefs hash by object id
+        return [h for h in handles if h in finished], [h for h in handles if h not in finished]
+
     def gather(self, handles: Sequence[Any], desc: str | None = None) -> list[Any]:
         import ray
 

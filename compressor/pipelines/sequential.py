@@ -35,6 +35,7 @@ from compressor.methods.registry import (
     shared_factor,
     solve_layer,
 )
+from compressor.execution.schedule import After, Job, run_jobs
 from compressor.models.arch import DecoderArch
 from compressor.models.layers import LinearTarget, by_block, decoder_blocks, prunable_linears
 from compressor.pipelines.block_store import BlockStore
@@ -98,30 +99,31 @@ def row_chunks(costs: dict[str, tuple[int, float]], workers: int) -> dict[str, l
 def _solve_block(
     block: nn.Module, targets: list[LinearTarget], stats: dict[str, InputStats], plan: OneShotPlan, executor: Executor
 ) -> list[LayerResult]:
-    """All linears of a block as jobs: the factor each statistics group shares first, then every layer,
-    big layers split into row slices where the method allows it, longest first so that workers finish
-    together; jobs start as soon as the factor they need is ready."""
+    """All linears of a block as jobs: the factor each statistics group shares, and every layer, big
+    layers split into row slices where the method allows it; run critical path first (``run_jobs``),
+    so that the layers waiting for the widest input's factor are not left for last."""
     jobs = {t.name: LayerJob(_weight_name(t), plan.method, plan.sparsity, plan.options, plan.sparsegpt) for t in targets}
     groups = {t.group: t for t in targets}
     stat_handles = {g: executor.put(stats.get(g, InputStats("none", t.in_features))) for g, t in groups.items()}
-    factor_handles = {g: executor.submit(shared_factor, jobs[t.name], stat_handles[g])
-                      for g, t in sorted(groups.items(), key=lambda gt: -gt[1].in_features)
-                      if has_shared_factor(jobs[t.name])}
-    # Cost of a Gram-based solve ~ rows * cols^2 (the column sweep's updates); the others are cheap.
+    # Costs in one unit: a Gram-based solve ~ rows * cols^2 (the column sweep's updates, the others are
+    # cheap); a factor (Cholesky and a triangular inverse) ~ cols^3 / 3, as measured per unit.
     costs = {t.name: (t.out_features, t.out_features * t.in_features ** 2) for t in targets}
+    work = [Job(("factor", g), shared_factor, (jobs[t.name], stat_handles[g]), t.in_features ** 3 / 3)
+            for g, t in groups.items() if has_shared_factor(jobs[t.name])]
+    factors = {j.key[1] for j in work}
     separable = STATS_NEEDED[plan.method] == "gram" and all(row_separable(j) for j in jobs.values())
     chunks = row_chunks(costs, executor.parallelism if separable else 1)
-    order = sorted(((t, r0, r1) for t in targets for r0, r1 in chunks[t.name]),
-                   key=lambda c: -costs[c[0].name][1] * (c[2] - c[1]) / c[0].out_features)
-    handles = []
-    for t, r0, r1 in order:
+    slices = [(t, r0, r1) for t in targets for r0, r1 in chunks[t.name]]
+    for t, r0, r1 in slices:
         weight = block.get_submodule(t.rel).weight.detach()[r0:r1]
-        handles.append(executor.submit(solve_layer, jobs[t.name], weight, stat_handles[t.group],
-                                       factor_handles.get(t.group)))
-    parts: dict[str, list[tuple[int, LayerResult]]] = {t.name: [] for t in targets}
-    for (t, r0, _), result in zip(order, executor.gather(handles)):
-        parts[t.name].append((r0, result))
-    return [merge_row_chunks([r for _, r in sorted(parts[t.name], key=lambda p: p[0])]) for t in targets]
+        factor = After(("factor", t.group)) if t.group in factors else None
+        work.append(Job((t.name, r0), solve_layer, (jobs[t.name], weight, stat_handles[t.group], factor),
+                        costs[t.name][1] * (r1 - r0) / t.out_features))
+    handles = run_jobs(executor, work)
+    parts: dict[str, list[LayerResult]] = {t.name: [] for t in targets}
+    for (t, _, _), result in zip(slices, executor.gather([handles[(t.name, r0)] for t, r0, _ in slices])):
+        parts[t.name].append(result)  # slices are in row order
+    return [merge_row_chunks(parts[t.name]) for t in targets]
 
 
 def _apply(block: nn.Module, t: LinearTarget, r: LayerResult) -> None:
