@@ -32,6 +32,30 @@ class DeepSpeedConfig(StrictModel):
     # ZeRO-3 keeps parameters with fewer elements whole on every rank (DeepSpeed's
     # stage3_param_persistence_threshold): norms are not worth a gather each
     zero3_persistence_threshold: NonNegativeInt = 100_000
+    # ZeRO-3 gather tuning, passed on as DeepSpeed's stage3_* settings when set (None: DeepSpeed's
+    # defaults): elements fetched ahead of the forward, kept gathered at most, and re-used without a
+    # new gather. Lower them when gathered layers do not fit the device; raise them to overlap more.
+    zero3_prefetch_bucket_size: Optional[NonNegativeInt] = None
+    zero3_max_live_parameters: Optional[NonNegativeInt] = None
+    zero3_max_reuse_distance: Optional[NonNegativeInt] = None
+
+    def engine_config(self, micro_batch: int, grad_accum: int) -> dict[str, Any]:
+        """The DeepSpeed config dict for these settings."""
+        zero: dict[str, Any] = {"stage": self.zero_stage}
+        if self.zero_stage == 3:
+            zero["stage3_param_persistence_threshold"] = self.zero3_persistence_threshold
+            for key in ("prefetch_bucket_size", "max_live_parameters", "max_reuse_distance"):
+                value = getattr(self, f"zero3_{key}")
+                if value is not None:
+                    zero[f"stage3_{key}"] = value
+        return {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": grad_accum,
+            "zero_optimization": zero,
+            "gradient_clipping": 0.0,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
 
 
 class Backend(ABC):
@@ -127,16 +151,7 @@ class DeepSpeedBackend(Backend):
         self.grad_accum = grad_accum
         optimizer = adamw(param_groups)
         params = [p for g in param_groups for p in g["params"]]
-        config = {
-            "train_micro_batch_size_per_gpu": micro_batch,
-            "gradient_accumulation_steps": grad_accum,
-            "zero_optimization": {"stage": self.cfg.zero_stage},
-            "gradient_clipping": 0.0,
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
-        if self.partitioned:
-            config["zero_optimization"]["stage3_param_persistence_threshold"] = self.cfg.zero3_persistence_threshold
+        config = self.cfg.engine_config(micro_batch, grad_accum)
         # Under ZeRO-3 this partitions the (already masked) model's parameters and hooks its modules.
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=params, config=config

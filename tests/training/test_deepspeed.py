@@ -156,3 +156,19 @@ def test_zero3_needs_samples_per_micro_batch(tiny_llama_dir, text):
     with pytest.raises(ConfigError, match="set maskllm.sample_every: micro_batch"):
         _cfg(tiny_llama_dir, text, backend="deepspeed", deepspeed={"zero_stage": 3})
     _cfg(tiny_llama_dir, text, backend="deepspeed", deepspeed={"zero_stage": 3}, **{"maskllm.sample_every": "micro_batch"})
+
+
+def test_engine_config_passes_zero3_gather_settings_only_when_set():
+    from compressor.training.backends import DeepSpeedConfig
+
+    zero = DeepSpeedConfig(zero_stage=3).engine_config(micro_batch=2, grad_accum=4)["zero_optimization"]
+    assert zero == {"stage": 3, "stage3_param_persistence_threshold": 100_000}  # DeepSpeed's defaults otherwise
+    cfg = DeepSpeedConfig(zero_stage=3, zero3_prefetch_bucket_size=10**6, zero3_max_live_parameters=5 * 10**6,
+                          zero3_max_reuse_distance=0)
+    zero = cfg.engine_config(2, 4)["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == 10**6 and zero["stage3_max_live_parameters"] == 5 * 10**6
+    assert zero["stage3_max_reuse_distance"] == 0
+    assert DeepSpeedConfig(zero_stage=2, zero3_prefetch_bucket_size=10**6).engine_config(2, 4)["zero_optimization"] \
+        == {"stage": 2}
+    with pytest.raises(ValueError, match="zero3_max_live_parameters"):
+        DeepSpeedConfig(zero_stage=3, zero3_max_live_parameters=-1)
