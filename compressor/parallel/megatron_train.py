@@ -53,6 +53,7 @@ from compressor.parallel.megatron_model import (
 from compressor.training.loop import log_row, schedule_at
 from compressor.utils.env import flush_denormals
 from compressor.utils.logging import get_logger
+from compressor.utils.timing import WindowClock
 
 log = get_logger(__name__)
 
@@ -388,7 +389,7 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
     prev_argmax = {n: m.argmax_patterns() for n, m in plain.items()}
     mask_train(plain, True)
     model.train()
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    window_loss, window_steps, clock = 0.0, 0, WindowClock()  # evaluation and checkpoints not counted
     train_start = time.perf_counter()
     for step in range(start, t.steps):
         tau, kappa, lam = schedule_at(mcfg, step, t.steps)
@@ -407,21 +408,23 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
         if done % t.log_every == 0 or done == t.steps:
             stats = global_mask_stats(masks, prev_argmax)
             prev_argmax = {n: m.argmax_patterns() for n, m in plain.items()}
-            seconds = _max_over_ranks(time.perf_counter() - window_start)  # one value for every rank's history
+            seconds = _max_over_ranks(clock.seconds())  # one value for every rank's history
             row = log_row(done, tokens_per_step, window_loss / window_steps, (tau, kappa, lam), stats, seconds,
                           window_steps)
             history["logs"].append(row)
             if rank0:
                 log.info("step %d: loss %.4f tau %.3f kappa %.1f max_prob %.4f flips %.5f", done, row["loss"], tau,
                          kappa, row["max_prob"], row["flip_rate"])
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        if eval_windows is not None and (done % t.eval_every == 0 or done == t.steps):
-            ppl = hard_mask_perplexity(model, masks, eval_windows, cfg.evaluation.batch_size, layout)
-            history["evals"].append({"step": done, "tokens": done * tokens_per_step, "perplexity": ppl})
-            if rank0:
-                log.info("step %d: hard-mask perplexity %.3f", done, ppl)
-        if done % t.checkpoint_every == 0 or done == t.steps:
-            ckpt.save(root, done, masks, optimizer, stream, dims, layout, history, t.keep_checkpoints)
+            window_loss, window_steps = 0.0, 0
+            clock.restart()
+        with clock.paused():
+            if eval_windows is not None and (done % t.eval_every == 0 or done == t.steps):
+                ppl = hard_mask_perplexity(model, masks, eval_windows, cfg.evaluation.batch_size, layout)
+                history["evals"].append({"step": done, "tokens": done * tokens_per_step, "perplexity": ppl})
+                if rank0:
+                    log.info("step %d: hard-mask perplexity %.3f", done, ppl)
+            if done % t.checkpoint_every == 0 or done == t.steps:
+                ckpt.save(root, done, masks, optimizer, stream, dims, layout, history, t.keep_checkpoints)
     timer["train"] = time.perf_counter() - train_start
     mask_train(plain, False)
     return _finish(cfg, out, folder, masks, dims, layout, history, timer)

@@ -7,7 +7,6 @@ It knows nothing of how ranks are arranged (see backends.py) nor of where the lo
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -23,6 +22,7 @@ from compressor.methods.maskllm.attach import pattern_ids
 from compressor.methods.maskllm.config import MaskLLMConfig
 from compressor.training.backends import Backend
 from compressor.utils.env import flush_denormals
+from compressor.utils.timing import WindowClock
 from compressor.training.checkpoint import (
     latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
@@ -98,7 +98,7 @@ def train_masks(
     model.train()  # no dropout in LLaMA; the mode only selects soft (train) vs hard (eval) masks
     bar = tqdm(total=tcfg.steps, initial=start, desc="learn masks", unit="step", disable=not backend.is_main)
     window_loss = torch.zeros((), dtype=torch.float64)
-    window_steps, window_start = 0, time.perf_counter()
+    window_steps, clock = 0, WindowClock()  # throughput counts training only, not evaluation or checkpoints
     for step in range(start, tcfg.steps):
         tau, kappa, lam = schedule_at(mcfg, step, tcfg.steps)
         set_schedule_state(masks, tau, kappa)
@@ -130,21 +130,22 @@ def train_masks(
             current: dict[str, torch.Tensor] = {}
             stats = mask_stats(gathered_layers(masks, backend), prev_argmax, current)
             prev_argmax = current
-            seconds = time.perf_counter() - window_start
             row = log_row(done, tokens_per_step, float(window_loss / window_steps), (tau, kappa, lam), stats,
-                          seconds, window_steps)
+                          clock.seconds(), window_steps)
             history.logs.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tau=f"{tau:.2f}", flips=f"{row['flip_rate']:.4f}")
             window_loss.zero_()
-            window_steps, window_start = 0, time.perf_counter()
-        if evaluate is not None and tcfg.eval_every and (done % tcfg.eval_every == 0 or done == tcfg.steps):
-            mask_train(masks, False)
-            ppl = evaluate()
-            mask_train(masks, True)
-            history.evals.append({"step": done, "tokens": done * tokens_per_step, "perplexity": ppl})
-            log.info("step %d: hard-mask perplexity %.3f", done, ppl)
-        if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
-            _save(checkpoint_root, done, masks, backend, stream, history, tcfg.keep_checkpoints)
+            window_steps = 0
+            clock.restart()
+        with clock.paused():
+            if evaluate is not None and tcfg.eval_every and (done % tcfg.eval_every == 0 or done == tcfg.steps):
+                mask_train(masks, False)
+                ppl = evaluate()
+                mask_train(masks, True)
+                history.evals.append({"step": done, "tokens": done * tokens_per_step, "perplexity": ppl})
+                log.info("step %d: hard-mask perplexity %.3f", done, ppl)
+            if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
+                _save(checkpoint_root, done, masks, backend, stream, history, tcfg.keep_checkpoints)
     bar.close()
     mask_train(masks, False)
     return history
