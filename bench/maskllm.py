@@ -146,7 +146,9 @@ def main() -> None:
         print(json.dumps(ratio, indent=2))
         path = ROOT / "bench" / "results" / "maskllm.json"
         results = json.loads(path.read_text()) if path.is_file() else {}
-        results["step_ratio"] = {"seq_len": args.seq_len, "micro_batch": args.micro_batch, **ratio}
+        default = (args.seq_len, args.micro_batch) == (ap.get_default("seq_len"), ap.get_default("micro_batch"))
+        key = "step_ratio" if default else f"step_ratio_seq{args.seq_len}_mb{args.micro_batch}"
+        results[key] = {"seq_len": args.seq_len, "micro_batch": args.micro_batch, **ratio}
         path.write_text(json.dumps(results, indent=2))
         return
     if not args.prior_run:
@@ -216,8 +218,9 @@ def main() -> None:
            "prior_perplexity": prior, "prior_kind": prior_kind, "sparsegpt_perplexity": target,
            "plain_fwd_bwd_seconds": plain, "settings": vars(args), "rows": results,
            "prior_run": args.prior_run, "prior_report_perplexity": prior_report.get("perplexity")}
-    if "step_ratio" in earlier:
-        out["step_ratio"] = earlier["step_ratio"]  # measured on its own (--ratio-only)
+    out.update({k: v for k, v in earlier.items() if k.startswith("step_ratio")})  # measured on their own (--ratio-only)
+    if "full_eval_589_windows" in earlier:
+        out["full_eval_589_windows"] = earlier["full_eval_589_windows"]  # measured with `compressor eval`
     json_path.write_text(json.dumps(out, indent=2))
 
 

@@ -1,1 +1,1 @@
-"""Small shared utilities: atomic file-system writes, logging, timing, environment info."""
+"""Small shared utilities: atomic file-system writes, logging, timing, per-layer thread pools, environment info."""
