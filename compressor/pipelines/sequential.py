@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from compressor.calibration import BlockInputs, capture_block_inputs, collect_block_stats, run_block
 from compressor.calibration.stats import InputStats
 from compressor.execution.base import Executor
+from compressor.execution.schedule import After, Job, run_jobs
 from compressor.methods.objective import reconstruction_error
 from compressor.methods.registry import (
     STATS_NEEDED,
@@ -35,7 +36,6 @@ from compressor.methods.registry import (
     shared_factor,
     solve_layer,
 )
-from compressor.execution.schedule import After, Job, run_jobs
 from compressor.models.arch import DecoderArch
 from compressor.models.layers import LinearTarget, by_block, decoder_blocks, prunable_linears
 from compressor.pipelines.block_store import BlockStore

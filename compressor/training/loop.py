@@ -99,11 +99,11 @@ def train_masks(
     bar = tqdm(total=tcfg.steps, initial=start, desc="learn masks", unit="step", disable=not backend.is_main)
     window_loss = torch.zeros((), dtype=torch.float64)
     window_steps, clock = 0, WindowClock()  # throughput counts training only, not evaluation or checkpoints
+    per_step = mcfg.sample_every == "step"  # one sample held for all micro-batches of a step
     for step in range(start, tcfg.steps):
         tau, kappa, lam = schedule_at(mcfg, step, tcfg.steps)
         set_schedule_state(masks, tau, kappa)
         step_loss = torch.zeros((), dtype=torch.float64)
-        per_step = mcfg.sample_every == "step"
         if per_step:
             hold_samples(model, masks)
         for _ in range(tcfg.grad_accum):

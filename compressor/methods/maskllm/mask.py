@@ -77,10 +77,7 @@ class NMMaskParametrization(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if tuple(weight.shape) != self.shape:
-            raise SparsityPatternError(
-                f"{self.name}: the mask was built for a weight of shape {self.shape}, got {tuple(weight.shape)}"
-            )
+        self._check_shape(weight, self.shape, "the weight to mask")
         if not self.training:
             return weight * hard_mask(self.logits, self.patterns).to(weight.dtype)
         if self.held is not None:
@@ -100,10 +97,7 @@ class NMMaskParametrization(nn.Module):
         """
         if not self.training:
             raise RuntimeError(f"{self.name}: hold_sample needs a training (soft) mask; call mask_train(masks, True)")
-        if tuple(weight.shape) != self.shape:
-            raise SparsityPatternError(
-                f"{self.name}: the mask was built for a weight of shape {self.shape}, got {tuple(weight.shape)}"
-            )
+        self._check_shape(weight, self.shape, "the weight to mask")
         noise = gumbel_noise(self.logits, self.generator, self.noise)  # (out, G, C)
         probs = perturbed_probs_(noise, self.logits, self.tau, self.kappa)  # (out, G, C)
         masked = soft_mask(probs, self.patterns).to(weight.dtype).mul_(weight)  # (out, in)
