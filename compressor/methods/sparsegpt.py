@@ -50,8 +50,9 @@ class SparseGPTResult:
     weight: torch.Tensor  # (out, in) in the input dtype, zero where pruned
 
 
-def check_layer_inputs(weight: torch.Tensor, gram: torch.Tensor, what: str) -> None:
-    """Shapes agree and nothing is NaN/inf; shared by the Gram-based methods."""
+def check_layer_inputs(weight: torch.Tensor, gram: torch.Tensor, what: str, finite_gram: bool = True) -> None:
+    """Shapes agree and nothing is NaN/inf; shared by the Gram-based methods. ``finite_gram=False``
+    skips scanning the Gram matrix (a Hessian factor made from it has already checked it)."""
     if weight.dim() != 2:
         raise ValueError(f"{what}: expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
     cols = weight.shape[1]
@@ -60,6 +61,11 @@ def check_layer_inputs(weight: torch.Tensor, gram: torch.Tensor, what: str) -> N
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
         raise NonFiniteError(f"{what}: the weight holds {bad} NaN/inf entries; the model itself is broken")
+    if finite_gram:
+        check_gram_finite(gram, what)
+
+
+def check_gram_finite(gram: torch.Tensor, what: str) -> None:
     if not torch.isfinite(gram).all():
         bad = int((~torch.isfinite(gram)).sum())
         raise NonFiniteError(
@@ -69,16 +75,18 @@ def check_layer_inputs(weight: torch.Tensor, gram: torch.Tensor, what: str) -> N
 
 
 def lower_triangular_inverse(lower: torch.Tensor, leaf: int = 128) -> torch.Tensor:
-    """L^{-1} for lower triangular L, by halves: [[A, 0], [C, D]]^{-1} = [[A^-1, 0], [-D^-1 C A^-1, D^-1]].
-    Matrix products instead of one triangular solve against I: about half the time for large L."""
+    """L^{-1} for lower triangular L, by halves: [[A, 0], [C, D]]^{-1} = [[A^-1, 0], [-D^-1 C A^-1, D^-1]],
+    with C A^-1 and D^-1 (...) as triangular solves: 0.6x the time of multiplying by the triangular
+    inverses at width 1536 (measured), and about half that of one triangular solve against I."""
     n = lower.shape[0]
     if n <= leaf:
         return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype, device=lower.device), upper=False)
     k = n // 2
-    a_inv, d_inv = lower_triangular_inverse(lower[:k, :k], leaf), lower_triangular_inverse(lower[k:, k:], leaf)
     out = torch.zeros_like(lower)
-    out[:k, :k], out[k:, k:] = a_inv, d_inv
-    out[k:, :k] = -(d_inv @ (lower[k:, :k] @ a_inv))
+    out[:k, :k] = lower_triangular_inverse(lower[:k, :k], leaf)
+    out[k:, k:] = lower_triangular_inverse(lower[k:, k:], leaf)
+    c_a_inv = torch.linalg.solve_triangular(lower[:k, :k], lower[k:, :k], upper=False, left=False)  # X A = C
+    out[k:, :k] = torch.linalg.solve_triangular(lower[k:, k:], c_a_inv, upper=False).neg_()
     return out
 
 
@@ -115,15 +123,17 @@ def inverse_hessian_factor(
 
 
 def hessian_factor(gram: torch.Tensor, damp: float, what: str = "layer") -> HessianFactor:
+    check_gram_finite(gram, what)
     u64, dead = inverse_hessian_factor(gram, damp, what)
     return HessianFactor(u64.to(torch.float32), dead, damp)
 
 
-def _group_prune(w: torch.Tensor, d: torch.Tensor, nm: NM) -> torch.Tensor:
-    """(M, rows) bool: the M - N lowest w^2 / d^2 of each row's group (w: the group's columns, transposed)."""
-    scores = w.pow(2) / d.pow(2).unsqueeze(1)  # (M, rows)
-    drop = scores.topk(nm.m - nm.n, dim=0, largest=False).indices
-    return torch.zeros_like(w, dtype=torch.bool).scatter_(0, drop, True)
+def _group_prune(w: torch.Tensor, inv_d2: torch.Tensor, nm: NM, out: torch.Tensor) -> None:
+    """Mark in ``out`` (M, rows) bool, all False, the M - N lowest w^2 / d^2 of each row's group (w: the
+    group's columns, transposed; inv_d2: their 1 / d^2). Few, fused operations: this runs once per
+    group, and per-operation overhead dominates narrow layers."""
+    scores = w.square().mul_(inv_d2.unsqueeze(1))  # (M, rows)
+    out.scatter_(0, scores.topk(nm.m - nm.n, dim=0, largest=False).indices, True)
 
 
 def _block_prune(w: torch.Tensor, d: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -136,19 +146,18 @@ def _block_prune(w: torch.Tensor, d: torch.Tensor, sparsity: float) -> torch.Ten
     return pruned
 
 
-def _obs_columns(w: torch.Tensor, pruned: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def _obs_columns(w: torch.Tensor, pruned: torch.Tensor, u: torch.Tensor, inv_d: torch.Tensor, err: torch.Tensor) -> None:
     """OBS over a few columns with a fixed mask, one column at a time.
 
     w (s, rows) transposed weights, updated in place; pruned (s, rows); u (s, s) the factor's diagonal
-    block. Returns err (s, rows), the scaled errors that later columns still have to absorb (err^T U).
+    block, inv_d (s,) its 1 / U_jj. Writes into err (s, rows) the scaled errors that later columns still
+    have to absorb (err^T U): w_j / U_jj where pruned, else 0.
     """
-    inv_d = pruned.to(w.dtype) / torch.diagonal(u).unsqueeze(1)  # (s, rows): 1 / U_jj where pruned, else 0
-    err = torch.empty_like(w)
+    torch.mul(pruned, inv_d.unsqueeze(1), out=err)
     for j in range(w.shape[0]):
-        torch.mul(w[j], inv_d[j], out=err[j])
+        err[j].mul_(w[j])
         if j + 1 < w.shape[0]:
             w[j + 1 :].addr_(u[j, j + 1 :], err[j], alpha=-1)
-    return err
 
 
 def sparsegpt(
@@ -170,7 +179,7 @@ def sparsegpt(
     beforehand (the result is the same). Rows are independent for N:M: pruning a slice of rows gives
     that slice of the whole layer's result.
     """
-    check_layer_inputs(weight, gram, what)
+    check_layer_inputs(weight, gram, what, finite_gram=False)  # hessian_factor checks it
     if block_size < 1:
         raise ValueError(f"{what}: block_size must be positive, got {block_size}")
     rows, cols = weight.shape
@@ -188,6 +197,8 @@ def sparsegpt(
                          f"{factor.upper.shape[0]}, not damp={damp} for width {cols}")
     u, dead = factor.upper, factor.dead
     d = torch.diagonal(u)
+    inv_d = d.reciprocal()
+    inv_d2 = inv_d.square()
     # (in, out): column j of W is row j here. copy=True: for a single row, .t().contiguous() would not
     # copy, and the updates below would write into the caller's weight.
     wt = weight.detach().to(torch.float32, copy=True).t().contiguous()
@@ -202,9 +213,9 @@ def sparsegpt(
         for s0 in range(b0, b1, step):
             s1 = min(s0 + step, b1)
             if nm is not None:
-                pruned[s0:s1] = _group_prune(wt[s0:s1], d[s0:s1], nm)
-            e = _obs_columns(wt[s0:s1], pruned[s0:s1], u[s0:s1, s0:s1])  # (s, rows)
-            err[s0 - b0 : s1 - b0] = e
+                _group_prune(wt[s0:s1], inv_d2[s0:s1], nm, out=pruned[s0:s1])
+            e = err[s0 - b0 : s1 - b0]  # (s, rows)
+            _obs_columns(wt[s0:s1], pruned[s0:s1], u[s0:s1, s0:s1], inv_d[s0:s1], e)
             if s1 < b1:  # the rest of this block absorbs the sub-block's error now
                 wt[s1:b1].addmm_(u[s0:s1, s1:b1].t(), e, alpha=-1)
         if b1 < cols:  # later blocks absorb the whole block's error in one product

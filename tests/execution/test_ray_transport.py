@@ -26,3 +26,15 @@ def test_read_only_arrays_are_copied_before_torch_can_write_into_them():
     t = array.tensor()
     t += 1  # must not touch the shared buffer
     assert float(array.array.sum()) == 3.0 and float(t.sum()) == 6.0
+
+
+def test_shared_arrays_reach_jobs_without_a_copy_and_the_driver_with_one():
+    source = torch.arange(6.0)
+    shared, private = pack(source, shared=True), pack(source)
+    for packed in (shared, private):
+        packed.array.setflags(write=False)
+    in_job = unpack(shared, writable=False)
+    assert in_job.data_ptr() == shared.array.ctypes.data  # a view of the object store's memory
+    assert unpack(private, writable=False).data_ptr() != private.array.ctypes.data
+    in_driver = unpack(shared)
+    assert in_driver.data_ptr() != shared.array.ctypes.data and torch.equal(in_driver, source)

@@ -62,3 +62,19 @@ def test_a_factor_made_for_other_options_is_refused():
     w, gram = correlated_problem(rows=4, cols=16)
     with pytest.raises(ValueError, match="damp=0.05 for width 16, not damp=0.01"):
         sparsegpt(w, gram, NM(2, 4), damp=0.01, factor=hessian_factor(gram, 0.05))
+
+
+@pytest.mark.parametrize("kind", sorted(JOBS) + ["wanda", "magnitude"])
+def test_jobs_never_write_into_their_shared_inputs(kind):
+    """The Ray executor hands every job the statistics and the factor without a copy (shared memory),
+    so a method that modified them in place would corrupt every other job reading them."""
+    job = JOBS.get(kind) or LayerJob("w", kind, NM(2, 4), WandaOptions() if kind == "wanda" else None)
+    w, gram = correlated_problem(rows=8, cols=32, seed=2)
+    gram[5, :] = gram[:, 5] = 0  # a dead input: the paths that patch the Hessian's diagonal
+    stats = InputStats("gram", 32, 400, col_sq=torch.diagonal(gram).clone(), gram=gram)
+    factor = shared_factor(job, stats)
+    before = [t.clone() for t in (gram, stats.col_sq, *([factor.upper, factor.dead] if factor else []))]
+    solve_layer(job, w, stats, factor)
+    solve_layer(job, w[:3], stats, None)
+    after = [gram, stats.col_sq, *([factor.upper, factor.dead] if factor else [])]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
