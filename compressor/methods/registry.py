@@ -113,6 +113,43 @@ def merge_row_chunks(parts: list[LayerResult]) -> LayerResult:
                        cat("warm_start_mask"))
 
 
+def stackable(jobs: list[LayerJob]) -> bool:
+    """Whether jobs on the same inputs can run as one weight stacked along its rows, each taking its own
+    rows of the result: all row separable with the same method and options, and a method whose report
+    items are not per-layer sums over rows (SparseSwaps counts its swaps per layer)."""
+    first = jobs[0]
+    key = (first.method, first.sparsity, first.options, first.sparsegpt)
+    return first.method != "sparseswaps" and all(
+        row_separable(j) and (j.method, j.sparsity, j.options, j.sparsegpt) == key for j in jobs)
+
+
+def split_rows(result: LayerResult, names: list[str], rows: list[int]) -> list[LayerResult]:
+    """The inverse of :func:`merge_row_chunks` for a result without report items: each name's rows in
+    order, with a share of the time in proportion to them."""
+    out, r0, total = [], 0, sum(rows)
+    for name, n in zip(names, rows):
+        part = lambda t: None if t is None else t[r0 : r0 + n]  # noqa: E731
+        out.append(LayerResult(name, part(result.mask), part(result.weight), result.seconds * n / total,
+                               {}, part(result.warm_start_mask)))
+        r0 += n
+    return out
+
+
+def solve_layers(
+    jobs: list[LayerJob], weights: list[torch.Tensor], stats: InputStats, factor: Optional[HessianFactor] = None
+) -> list[LayerResult]:
+    """Several layers, or row slices of them, that read the same inputs (q/k/v, gate/up): the factor is
+    made once for all, and :func:`stackable` jobs run as one stacked weight, since a SparseGPT sweep pays
+    a per-column cost (one pass of small operations per group of M columns) that is the same for 100
+    rows as for 1000."""
+    if factor is None and has_shared_factor(jobs[0]):
+        factor = shared_factor(jobs[0], stats)
+    if len(jobs) == 1 or not stackable(jobs):
+        return [solve_layer(j, w, stats, factor) for j, w in zip(jobs, weights)]
+    whole = solve_layer(jobs[0], torch.cat(weights), stats, factor)
+    return split_rows(whole, [j.name for j in jobs], [w.shape[0] for w in weights])
+
+
 def _one_shot_mask(
     method: str, job: LayerJob, weight: torch.Tensor, stats: InputStats, factor: Optional[HessianFactor] = None
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -34,7 +34,7 @@ from compressor.methods.registry import (
     merge_row_chunks,
     row_separable,
     shared_factor,
-    solve_layer,
+    solve_layers,
 )
 from compressor.models.arch import DecoderArch
 from compressor.models.layers import LinearTarget, by_block, decoder_blocks, prunable_linears
@@ -83,47 +83,102 @@ def _weight_name(t: LinearTarget) -> str:
     return f"{t.name}.weight"
 
 
-def row_chunks(costs: dict[str, tuple[int, float]], workers: int) -> dict[str, list[tuple[int, int]]]:
-    """Row ranges per layer, so that no job is much longer than the rest: a layer whose cost (name ->
-    (rows, cost)) exceeds a 2 * ``workers``-th of the block's is split into equal row slices. With one
-    worker nothing is split (splitting only adds overhead)."""
-    limit = sum(c for _, c in costs.values()) / (2 * workers) if workers > 1 else float("inf")
-    out = {}
-    for name, (rows, cost) in costs.items():
-        parts = max(1, min(rows, math.ceil(cost / limit))) if cost > limit else 1
-        bounds = [round(i * rows / parts) for i in range(parts + 1)]
-        out[name] = list(zip(bounds[:-1], bounds[1:]))
-    return out
+# SparseGPT's costs in one unit, about one row-column of the column sweep (~55 ns here), fitted to
+# measured times at widths 576 and 1536: the sweep costs cols * (rows + 600), since each group of M
+# columns runs a pass of small operations that costs as much as ~600 rows of updates; the Hessian
+# factor costs cols^3 / 1600.
+_SWEEP_ROWS_PER_COLUMN = 600
+
+
+def sweep_cost(rows: int, cols: int) -> float:
+    return cols * (rows + _SWEEP_ROWS_PER_COLUMN)
+
+
+def factor_cost(cols: int) -> float:
+    return cols**3 / 1600
+
+
+def plan_slices(groups: dict[str, tuple[int, int, bool]], workers: int) -> dict[str, int]:
+    """Row slices per statistics group (name -> (rows of all its layers, cols, has a shared factor)).
+
+    Starts from one job per group and keeps splitting the group with the longest chain (its factor,
+    then its largest slice) while that lowers the larger of the two bounds on the block's time: total
+    work / ``workers`` and the longest chain. Every slice pays the sweep's per-column cost again, so a
+    split must buy more than it costs; with one worker nothing is split."""
+    parts = {g: 1 for g in groups}
+
+    def chain(g: str) -> float:
+        rows, cols, shared = groups[g]
+        return (factor_cost(cols) if shared else 0.0) + sweep_cost(math.ceil(rows / parts[g]), cols)
+
+    def bound() -> float:
+        total = sum((factor_cost(c) if f else 0.0) + parts[g] * sweep_cost(r / parts[g], c)
+                    for g, (r, c, f) in groups.items())
+        return max(total / workers, max(chain(g) for g in groups))
+
+    best = bound()
+    while True:
+        g = max(parts, key=chain)
+        if parts[g] >= groups[g][0]:
+            return parts
+        parts[g] += 1
+        if bound() >= best:
+            parts[g] -= 1
+            return parts
+        best = bound()
+
+
+def row_runs(sizes: list[int], parts: int) -> list[list[tuple[int, int, int]]]:
+    """Layers of ``sizes`` rows, laid one after another, cut into ``parts`` runs of (nearly) equal
+    rows: for each run, its pieces (layer index, first row, end row)."""
+    total, runs = sum(sizes), []
+    for i in range(parts):
+        lo, hi, offset, run = round(i * total / parts), round((i + 1) * total / parts), 0, []
+        for k, n in enumerate(sizes):
+            if max(lo, offset) < min(hi, offset + n):
+                run.append((k, max(lo, offset) - offset, min(hi, offset + n) - offset))
+            offset += n
+        runs.append(run)
+    return runs
 
 
 def _solve_block(
     block: nn.Module, targets: list[LinearTarget], stats: dict[str, InputStats], plan: OneShotPlan, executor: Executor
 ) -> list[LayerResult]:
-    """All linears of a block as jobs: the factor each statistics group shares, and every layer, big
-    layers split into row slices where the method allows it; run critical path first (``run_jobs``),
-    so that the layers waiting for the widest input's factor are not left for last."""
+    """All linears of a block as jobs, one per statistics group (q/k/v; o; gate/up; down), each solving its
+    layers stacked along their rows with one factor; a group whose chain would hold the block up
+    (``plan_slices``) is cut into row slices after a separate factor job. Run critical path first
+    (``run_jobs``), so that slices waiting for the widest input's factor are not left for last."""
     jobs = {t.name: LayerJob(_weight_name(t), plan.method, plan.sparsity, plan.options, plan.sparsegpt) for t in targets}
-    groups = {t.group: t for t in targets}
-    stat_handles = {g: executor.put(stats.get(g, InputStats("none", t.in_features))) for g, t in groups.items()}
-    # Costs in one unit: a Gram-based solve ~ rows * cols^2 (the column sweep's updates, the others are
-    # cheap); a factor (Cholesky and a triangular inverse) ~ cols^3 / 3, as measured per unit.
-    costs = {t.name: (t.out_features, t.out_features * t.in_features ** 2) for t in targets}
-    work = [Job(("factor", g), shared_factor, (jobs[t.name], stat_handles[g]), t.in_features ** 3 / 3)
-            for g, t in groups.items() if has_shared_factor(jobs[t.name])]
-    factors = {j.key[1] for j in work}
+    groups: dict[str, list[LinearTarget]] = {}
+    for t in targets:
+        groups.setdefault(t.group, []).append(t)
+    stat_handles = {g: executor.put(stats.get(g, InputStats("none", ts[0].in_features))) for g, ts in groups.items()}
+    shared = {g: has_shared_factor(jobs[ts[0].name]) for g, ts in groups.items()}
     separable = STATS_NEEDED[plan.method] == "gram" and all(row_separable(j) for j in jobs.values())
-    chunks = row_chunks(costs, executor.parallelism if separable else 1)
-    slices = [(t, r0, r1) for t in targets for r0, r1 in chunks[t.name]]
-    for t, r0, r1 in slices:
-        weight = block.get_submodule(t.rel).weight.detach()[r0:r1]
-        factor = After(("factor", t.group)) if t.group in factors else None
-        work.append(Job((t.name, r0), solve_layer, (jobs[t.name], weight, stat_handles[t.group], factor),
-                        costs[t.name][1] * (r1 - r0) / t.out_features))
+    parts = plan_slices({g: (sum(t.out_features for t in ts), ts[0].in_features, shared[g]) for g, ts in groups.items()},
+                        executor.parallelism if separable else 1)
+    work, pieces = [], {}  # pieces: job key -> [(target, first row, end row)] it solves, in row order
+    for g, ts in groups.items():
+        cols, split = ts[0].in_features, parts[g] > 1
+        if split and shared[g]:
+            work.append(Job(("factor", g), shared_factor, (jobs[ts[0].name], stat_handles[g]), factor_cost(cols)))
+        for i, run in enumerate(row_runs([t.out_features for t in ts], parts[g])):
+            piece = [(ts[k], r0, r1) for k, r0, r1 in run]
+            weights = [block.get_submodule(t.rel).weight.detach()[r0:r1] for t, r0, r1 in piece]
+            cost = sweep_cost(sum(r1 - r0 for _, r0, r1 in piece), cols)
+            factor = After(("factor", g)) if split and shared[g] else None
+            if shared[g] and not split:
+                cost += factor_cost(cols)  # made inside the job
+            key = ("solve", g, i)
+            work.append(Job(key, solve_layers, ([jobs[t.name] for t, _, _ in piece], weights, stat_handles[g], factor), cost))
+            pieces[key] = piece
     handles = run_jobs(executor, work)
-    parts: dict[str, list[LayerResult]] = {t.name: [] for t in targets}
-    for (t, _, _), result in zip(slices, executor.gather([handles[(t.name, r0)] for t, r0, _ in slices])):
-        parts[t.name].append(result)  # slices are in row order
-    return [merge_row_chunks(parts[t.name]) for t in targets]
+    parts_of: dict[str, list[LayerResult]] = {t.name: [] for t in targets}
+    for key, results in zip(pieces, executor.gather([handles[k] for k in pieces])):
+        for (t, _, _), result in zip(pieces[key], results):
+            parts_of[t.name].append(result)  # slices come in row order
+    return [merge_row_chunks(parts_of[t.name]) for t in targets]
 
 
 def _apply(block: nn.Module, t: LinearTarget, r: LayerResult) -> None:

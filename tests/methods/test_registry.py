@@ -14,6 +14,8 @@ from compressor.methods.registry import (
     row_separable,
     shared_factor,
     solve_layer,
+    solve_layers,
+    stackable,
 )
 from compressor.methods.sparsegpt import hessian_factor, sparsegpt
 from compressor.sparsity import NM, Unstructured
@@ -78,3 +80,20 @@ def test_jobs_never_write_into_their_shared_inputs(kind):
     solve_layer(job, w[:3], stats, None)
     after = [gram, stats.col_sq, *([factor.upper, factor.dead] if factor else [])]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("kind", sorted(JOBS))
+def test_layers_on_the_same_inputs_solved_together_match_each_solved_alone(kind):
+    template = JOBS[kind]
+    jobs = [LayerJob(name, template.method, template.sparsity, template.options, template.sparsegpt) for name in "qkv"]
+    w, gram = correlated_problem(rows=13, cols=32, seed=5)
+    weights = [w[:6], w[6:8], w[8:]]
+    stats = InputStats("gram", 32, 400, col_sq=torch.diagonal(gram).clone(), gram=gram)
+    together = solve_layers(jobs, weights, stats)
+    assert stackable(jobs) == (template.method != "sparseswaps")  # its report counts swaps per layer
+    for job, weight, result in zip(jobs, weights, together):
+        alone = solve_layer(job, weight, stats)
+        assert result.name == job.name and torch.equal(result.mask, alone.mask)
+        assert result.extra == pytest.approx(alone.extra)
+        if alone.weight is not None:
+            torch.testing.assert_close(result.weight, alone.weight, rtol=1e-5, atol=1e-6)

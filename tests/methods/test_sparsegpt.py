@@ -8,7 +8,7 @@ import torch
 from compressor.errors import DataError, NonFiniteError, SparsityPatternError
 from compressor.methods.magnitude import magnitude_mask
 from compressor.methods.objective import output_energy
-from compressor.methods.sparsegpt import inverse_hessian_factor, lower_triangular_inverse, sparsegpt
+from compressor.methods.sparsegpt import cholesky_, inverse_hessian_factor, lower_triangular_inverse_, sparsegpt
 from compressor.methods.wanda import wanda_mask
 from compressor.sparsity import NM, Unstructured, group_view, is_nm
 
@@ -152,7 +152,7 @@ def test_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
 def test_blockwise_triangular_inverse():
     x = correlated_inputs(37, 200, seed=6)
     lower = torch.linalg.cholesky(x.T @ x)
-    inv = lower_triangular_inverse(lower, leaf=4)  # recurses over uneven halves
+    inv = lower_triangular_inverse_(lower.clone(), leaf=4)  # recurses over uneven halves
     assert torch.equal(inv, inv.tril())
     torch.testing.assert_close(inv @ lower, torch.eye(37, dtype=torch.float64), rtol=0, atol=1e-9)
 
@@ -194,3 +194,14 @@ def test_the_callers_weight_is_never_written_even_for_a_single_row():
     res = sparsegpt(w, gram, NM(2, 4), update_weights=False)
     assert torch.equal(w, before)
     assert torch.equal(res.weight, before * res.mask)
+
+
+def test_blockwise_cholesky_in_place_matches_lapack_and_reports_indefinite_matrices():
+    x = correlated_inputs(37, 200, seed=7)
+    gram = x.T @ x
+    lower = gram.clone()
+    assert cholesky_(lower, leaf=4)  # uneven halves
+    assert torch.equal(lower, lower.tril())
+    torch.testing.assert_close(lower, torch.linalg.cholesky(gram), rtol=0, atol=1e-9)
+    gram[30, 30] = -1.0  # indefinite only in the second half
+    assert not cholesky_(gram.clone(), leaf=4)

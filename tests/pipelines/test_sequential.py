@@ -10,7 +10,7 @@ from compressor.methods.wanda import wanda_mask
 from compressor.models import load_model
 from compressor.models.layers import prunable_linears
 from compressor.pipelines.block_store import BlockStore
-from compressor.pipelines.sequential import OneShotPlan, prune_sequential, row_chunks
+from compressor.pipelines.sequential import OneShotPlan, plan_slices, prune_sequential, row_runs
 from compressor.sparsity import NM, is_nm
 
 WINDOWS = torch.randint(0, 49152, (6, 32), generator=torch.Generator().manual_seed(3))
@@ -114,15 +114,24 @@ def test_ray_and_in_process_executors_give_identical_masks(tiny_llama_dir):
         assert torch.equal(p, remote.model.get_parameter(name)), name
 
 
-def test_row_chunks_split_only_the_layers_that_dominate_a_block():
-    # rows and rows * cols^2 / 1e6 of SmolLM2-135M's linears
-    costs = {"down": (576, 680), "gate": (1536, 255), "up": (1536, 255), "q": (576, 95), "o": (576, 95),
-             "k": (192, 32), "v": (192, 32)}
-    chunks = row_chunks(costs, workers=2)
-    assert chunks["down"] == [(0, 288), (288, 576)]  # 680 > 1444 / 4: two slices, each below the limit
-    assert all(chunks[n] == [(0, r)] for n, (r, _) in costs.items() if n != "down")
-    assert all(v == [(0, r)] for v, (r, _) in zip(row_chunks(costs, workers=1).values(), costs.values()))
-    assert row_chunks({"tiny": (3, 100), "x": (8, 1)}, workers=64)["tiny"] == [(0, 1), (1, 2), (2, 3)]
+SMOLLM2_GROUPS = {"attn_in": (960, 576, True), "attn_out": (576, 576, True), "mlp_in": (3072, 576, True),
+                  "mlp_out": (576, 1536, True)}  # rows of the group's layers, input width, shared factor
+
+
+def test_slices_are_cut_only_where_they_shorten_the_block():
+    assert plan_slices(SMOLLM2_GROUPS, workers=1) == dict.fromkeys(SMOLLM2_GROUPS, 1)
+    # Two workers: down_proj's chain (the 1536-wide factor, then its sweep) is within 6% of half the
+    # block; a second slice would pay the sweep's per-column cost again for less than that.
+    assert plan_slices(SMOLLM2_GROUPS, workers=2) == dict.fromkeys(SMOLLM2_GROUPS, 1)
+    four = plan_slices(SMOLLM2_GROUPS, workers=4)
+    assert four["mlp_out"] > 1 and four["attn_in"] == four["attn_out"] == 1
+    assert plan_slices({"a": (3, 64, False), "b": (1, 64, False)}, workers=64)["a"] <= 3  # never more slices than rows
+
+
+def test_row_runs_cut_stacked_layers_into_equal_runs():
+    assert row_runs([4, 2], 1) == [[(0, 0, 4), (1, 0, 2)]]
+    assert row_runs([4, 2], 2) == [[(0, 0, 3)], [(0, 3, 4), (1, 0, 2)]]
+    assert row_runs([1, 1, 1], 3) == [[(0, 0, 1)], [(1, 0, 1)], [(2, 0, 1)]]
 
 
 class _Recording(InProcessExecutor):
@@ -136,8 +145,8 @@ class _Recording(InProcessExecutor):
         return self.workers
 
     def submit(self, fn, *args, **kwargs):
-        if fn.__name__ == "solve_layer":
-            self.rows.append((args[0].name, args[1].shape[0]))
+        if fn.__name__ == "solve_layers":
+            self.rows += [(job.name, w.shape[0]) for job, w in zip(args[0], args[1])]
         return super().submit(fn, *args, **kwargs)
 
 
