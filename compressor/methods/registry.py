@@ -1,7 +1,8 @@
 """One entry point for every one-shot method: a per-layer job (weight, statistics, options) -> result.
 
-The pipeline asks a method which input statistic it needs and later calls ``solve_layer`` through
-whatever executor it uses; methods never learn how they are scheduled.
+The pipeline asks a method which input statistic it needs and later calls ``solve_layer`` (or
+``solve_layers`` for layers reading the same inputs) through whatever executor it uses; methods never
+learn how they are scheduled.
 """
 
 from __future__ import annotations
