@@ -6,7 +6,7 @@ so that a shared host's drifting speed hits all settings alike; reports medians,
 the per-round ratios. Complements `bench/oneshot.py`, whose solve figure comes from one whole run.
 
     python bench/solve_stage.py --repeats 10
-Writes bench/results/solve_stage.json.
+Writes bench/results/solve_stage.json and bench/results/solve_stage.png (seconds per round).
 """
 
 from __future__ import annotations
@@ -104,6 +104,10 @@ def main() -> None:
            "seconds": rows, "median_seconds": medians, "speedup_2_vs_1": round(speedup, 3),
            "speedup_per_round": [round(r, 3) for r in ratios]}
     (ROOT / "bench" / "results" / "solve_stage.json").write_text(json.dumps(out, indent=2))
+    from compressor.reporting.plots import plot_lines
+
+    plot_lines({k: list(enumerate(v, 1)) for k, v in rows.items()}, ROOT / "bench" / "results" / "solve_stage.png",
+               f"SparseGPT 2:4, one SmolLM2-135M block (2 workers vs 1: {speedup:.2f}x)", "round", "seconds per block")
 
 
 if __name__ == "__main__":
