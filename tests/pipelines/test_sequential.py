@@ -76,8 +76,9 @@ class _Crash(RuntimeError):
     pass
 
 
-def test_resume_after_a_crash_gives_the_identical_result(tiny_llama_dir, tmp_path):
-    plan = OneShotPlan("wanda", NM(2, 4), WandaOptions(), batch_size=4)
+@pytest.mark.parametrize("method, options", [("wanda", WandaOptions()), ("sparsegpt", SparseGPTOptions())])
+def test_resume_after_a_crash_gives_the_identical_result(tiny_llama_dir, tmp_path, method, options):
+    plan = OneShotPlan(method, NM(2, 4), options, batch_size=4)  # sparsegpt: new weights in the block files
     whole = load_model(str(tiny_llama_dir))
     prune_sequential(whole.model, whole.arch, WINDOWS, plan, InProcessExecutor())
 
