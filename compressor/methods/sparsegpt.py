@@ -112,10 +112,19 @@ def lower_triangular_inverse_(lower: torch.Tensor, leaf: int = 128) -> torch.Ten
     return lower
 
 
-def _flipped_inverse_factor(
-    gram: torch.Tensor, damp: float, what: str, max_tries: int = 6
+def inverse_hessian_factor(
+    gram: torch.Tensor, damp: float, what: str = "layer", dtype: torch.dtype = torch.float64, max_tries: int = 6
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(J U J, dead), see :func:`inverse_hessian_factor`: still in the flipped order."""
+    """(U, dead): U (in, in) upper triangular in ``dtype`` (computed in float64) with
+    U^T U = (G + lambda I)^{-1}; dead (in,) bool.
+
+    Dead inputs (never non-zero in calibration) get H_ii = 1 so that H stays invertible; the caller
+    zeroes their weights, which do not affect the output. U is computed without forming H^{-1}: with J
+    the order-reversing permutation and J H J = L L^T, H = (J L J)(J L J)^T with J L J upper triangular,
+    so H^{-1} = U^T U for U = J L^{-1} J (one Cholesky and one triangular inverse instead of three
+    cubic steps, and better conditioned).
+    """
+    check_gram_finite(gram, what)
     dead = torch.diagonal(gram) == 0
     for attempt in range(max_tries):
         frac = damp if attempt == 0 else max(damp, 1e-4) * 10**attempt
@@ -126,30 +135,16 @@ def _flipped_inverse_factor(
         if cholesky_(work):
             if attempt:
                 log.warning("%s: Hessian not positive definite with damp=%g; used damp=%g", what, damp, frac)
-            return lower_triangular_inverse_(work), dead
+            return lower_triangular_inverse_(work).to(dtype).flip(0, 1), dead  # cast first: flip the smaller copy
     raise DataError(
         f"{what}: the Gram matrix is not positive semi-definite (Cholesky fails even with damping "
         f"{frac:g} x its mean diagonal); it is not a sum of x x^T, recompute the calibration statistics"
     )
 
 
-def inverse_hessian_factor(gram: torch.Tensor, damp: float, what: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, dead): U (in, in) float64 upper triangular with U^T U = (G + lambda I)^{-1}; dead (in,) bool.
-
-    Dead inputs (never non-zero in calibration) get H_ii = 1 so that H stays invertible; the caller
-    zeroes their weights, which do not affect the output. U is computed without forming H^{-1}: with J
-    the order-reversing permutation and J H J = L L^T, H = (J L J)(J L J)^T with J L J upper triangular,
-    so H^{-1} = U^T U for U = J L^{-1} J (one Cholesky and one triangular inverse instead of three
-    cubic steps, and better conditioned).
-    """
-    flipped, dead = _flipped_inverse_factor(gram, damp, what)
-    return flipped.flip(0, 1), dead
-
-
 def hessian_factor(gram: torch.Tensor, damp: float, what: str = "layer") -> HessianFactor:
-    check_gram_finite(gram, what)
-    flipped, dead = _flipped_inverse_factor(gram, damp, what)
-    return HessianFactor(flipped.to(torch.float32).flip(0, 1), dead, damp)  # flip the smaller copy
+    upper, dead = inverse_hessian_factor(gram, damp, what, dtype=torch.float32)
+    return HessianFactor(upper, dead, damp)
 
 
 def _group_prune(w: torch.Tensor, inv_d2: torch.Tensor, nm: NM, out: torch.Tensor) -> None:

@@ -122,10 +122,11 @@ def plan_slices(groups: dict[str, tuple[int, int, bool]], workers: int) -> dict[
         if parts[g] >= groups[g][0]:
             return parts
         parts[g] += 1
-        if bound() >= best:
+        tried = bound()
+        if tried >= best:
             parts[g] -= 1
             return parts
-        best = bound()
+        best = tried
 
 
 def row_runs(sizes: list[int], parts: int) -> list[list[tuple[int, int, int]]]:
@@ -166,10 +167,9 @@ def _solve_block(
         for i, run in enumerate(row_runs([t.out_features for t in ts], parts[g])):
             piece = [(ts[k], r0, r1) for k, r0, r1 in run]
             weights = [block.get_submodule(t.rel).weight.detach()[r0:r1] for t, r0, r1 in piece]
-            cost = sweep_cost(sum(r1 - r0 for _, r0, r1 in piece), cols)
             factor = After(("factor", g)) if split and shared[g] else None
-            if shared[g] and not split:
-                cost += factor_cost(cols)  # made inside the job
+            inside = factor_cost(cols) if shared[g] and not split else 0.0  # the job makes its own factor
+            cost = sweep_cost(sum(r1 - r0 for _, r0, r1 in piece), cols) + inside
             key = ("solve", g, i)
             work.append(Job(key, solve_layers, ([jobs[t.name] for t, _, _ in piece], weights, stat_handles[g], factor), cost))
             pieces[key] = piece
