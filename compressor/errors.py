@@ -33,5 +33,9 @@ class OutputExistsError(CompressorError):
     """An output folder already holds results and overwriting was not requested."""
 
 
+class OutputWriteError(CompressorError):
+    """Writing an output failed (no space, no permission, read-only folder); the message names the file."""
+
+
 class NonFiniteError(CompressorError):
     """NaN or inf where finite numbers are required (weights, statistics, loss)."""

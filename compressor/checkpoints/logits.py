@@ -7,7 +7,6 @@ safetensors file keyed by weight name with metadata ``{"format": "compressor.log
 
 from __future__ import annotations
 
-import warnings
 from math import comb
 from pathlib import Path
 from typing import Mapping
@@ -21,7 +20,7 @@ from compressor.sparsity.patterns import patterns_to_mask
 from compressor.utils.fs import atomic_save_safetensors
 
 FORMAT = "compressor.logits.v1"
-DIST_PREFIX = "logits/"  # key prefix of the logits in a distributed (megatron dist_checkpointing) checkpoint
+DIST_PREFIX = "logits/"  # key prefix of the logits in a distributed (`compressor launch`) checkpoint
 
 
 def _check_shape(name: str, logits: torch.Tensor, nm: NM, where: str) -> None:
@@ -65,25 +64,17 @@ def load_logits(path: str | Path) -> dict[str, torch.Tensor]:
 def load_dist_logits(folder: str | Path) -> dict[str, torch.Tensor]:
     """The full (global-shape) logits of a distributed training checkpoint, read in one process.
 
-    ``folder`` is a ``checkpoints/step_*`` folder of `compressor launch` (torch.distributed.checkpoint
-    files written by megatron's dist_checkpointing, keyed ``logits/<weight name>``). No process group is
-    needed: each tensor is assembled from every rank's shards.
+    ``folder`` is a ``checkpoints/step_*`` folder of `compressor launch` (every rank's pieces, keyed
+    ``logits/<weight name>``; see ``compressor.parallel.megatron_checkpoint``). No process group is
+    needed: each tensor is assembled from every rank's pieces.
     """
-    import torch.distributed.checkpoint as dcp
+    from compressor.checkpoints.pieces import PieceReader
 
-    folder = Path(folder)
-    try:
-        metadata = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    except Exception as exc:
-        raise CheckpointError(f"{folder} is not a readable distributed checkpoint: {exc}") from exc
-    wanted = {k: m for k, m in metadata.items() if k.startswith(DIST_PREFIX) and hasattr(m, "size")}
+    reader = PieceReader(folder)
+    wanted = [k for k in reader.keys() if k.startswith(DIST_PREFIX)]
     if not wanted:
         raise CheckpointError(f"{folder} holds no {DIST_PREFIX}* tensors (not a mask-learning checkpoint)")
-    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in wanted.items()}
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process is the intent
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(folder), no_dist=True)
-    return {k[len(DIST_PREFIX):]: v for k, v in state.items()}
+    return {k[len(DIST_PREFIX):]: reader.read_full(k) for k in wanted}
 
 
 def logits_to_masks(logits: Mapping[str, torch.Tensor], nm: NM | str) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
+from safetensors.torch import load_file
 
 from compressor.data.builtin import BUILTIN
 from compressor.data.config import DatasetConfig
@@ -24,7 +25,7 @@ from compressor.data.sources import (
     file_format, file_records, iter_documents, read_text_chunks, source_files,
 )
 from compressor.errors import DataError
-from compressor.utils.fs import atomic_torch_save
+from compressor.utils.fs import atomic_save_safetensors
 from compressor.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -151,10 +152,10 @@ def load_token_ids(
         cfg = DatasetConfig(source=str(cfg))
     max_tokens = max_tokens or cfg.max_tokens
     key = _cache_key(cfg, tokenizer, max_tokens)
-    cached = cache_dir() / f"{key}.pt" if key else None
+    cached = cache_dir() / f"{key}.safetensors" if key else None
     if cached is not None and cached.is_file():
         try:
-            ids = torch.load(cached, weights_only=True)
+            ids = load_file(str(cached)).get("ids")
             if isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point():
                 log.debug("token ids of %s from the cache %s", cfg.source, cached)
                 return ids.long()
@@ -165,7 +166,7 @@ def load_token_ids(
     if ids.numel() == 0:
         raise DataError(f"data source {cfg.source!r} yields no tokens; it holds no text")
     if cached is not None:
-        atomic_torch_save(ids, cached)  # int32: half the space of int64, and every vocabulary fits
+        atomic_save_safetensors({"ids": ids}, cached)  # int32: half the space of int64, and every vocabulary fits
     return ids.long()
 
 

@@ -1,17 +1,21 @@
-"""Distributed checkpoints of mask learning with megatron-core's ``dist_checkpointing``.
+"""Distributed checkpoints of mask learning: every rank writes its own pieces, any layout reads them.
 
 A checkpoint is a folder ``step_<N>/`` written by every rank at once:
 
-- ``logits/<HF weight name>`` and ``optim/exp_avg/...``, ``optim/exp_avg_sq/...``: ShardedTensors with
-  global HF shapes, so the folder reloads at another TP / PP layout (megatron reshards on load);
-- ``data_stream``: each data-parallel rank's exact stream position (a ShardedObject per DP rank);
-- ``rng``: each rank's mask-noise generators and torch / python / numpy RNG (restored only when the
-  layout is unchanged: noise is drawn per shard, so another layout starts fresh generators);
-- the common part (rank 0): step, history, layout, AdamW's step count and hyper-parameters.
+- ``pieces-<rank>.safetensors`` (data-parallel replica 0 only: the others hold duplicates): this rank's
+  chunks of ``logits/<HF weight name>``, ``optim/exp_avg/...`` and ``optim/exp_avg_sq/...``, each the
+  tensor-parallel chunk of a global HF-shaped tensor, so the folder reloads at another TP / PP layout
+  (``compressor.checkpoints.pieces`` reads any chunk of any split);
+- ``state-<rank>``: the rank's data-stream position and its mask-noise generators and torch / python /
+  numpy RNG (restored only when the layout is unchanged: noise is drawn per shard, so another layout
+  starts fresh generators);
+- ``common`` (rank 0): step, history, layout, AdamW's step count and hyper-parameters;
+- ``meta.json``, written last by rank 0 once every rank has finished.
 
-It is written under a hidden temporary name and renamed when every rank has finished; ``latest``
-(replaced atomically) then names it, and older checkpoints beyond ``keep`` are removed. A run
-killed mid-save therefore resumes from the previous checkpoint.
+Everything is safetensors plus JSON (``compressor.checkpoints.tree``): nothing is unpickled on resume.
+The folder is written under a hidden temporary name and renamed when complete; ``latest`` (replaced
+atomically) then names it, and older checkpoints beyond ``keep`` are removed. A run killed mid-save
+therefore resumes from the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -24,18 +28,21 @@ import torch
 import torch.distributed as dist
 
 from compressor.checkpoints.logits import DIST_PREFIX
+from compressor.checkpoints.pieces import PieceReader, PieceSpec, pieces_file, write_pieces
+from compressor.checkpoints.tree import load_tree, save_tree
 from compressor.errors import CheckpointError
 from compressor.parallel.megatron_convert import LlamaDims
-from compressor.parallel.megatron_masks import MaskSet, join_pieces, sharded_tensors
+from compressor.parallel.megatron_masks import MaskSet, join_pieces, local_pieces
 from compressor.parallel.megatron_model import Layout
 from compressor.training import checkpoint as training_checkpoint
-from compressor.training.checkpoint import LATEST, rng_state, set_rng_state, step_dir
-from compressor.utils.fs import atomic_write_text
+from compressor.training.checkpoint import COMPLETE, LATEST, remove_old_checkpoints, rng_state, set_rng_state, step_dir
+from compressor.utils.fs import atomic_write_json, atomic_write_text
 from compressor.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 LOGITS, EXP_AVG, EXP_AVG_SQ = DIST_PREFIX, "optim/exp_avg/", "optim/exp_avg_sq/"
+FORMAT = "compressor.dist-checkpoint.v1"
 
 
 def step_name(step: int) -> str:
@@ -43,8 +50,7 @@ def step_name(step: int) -> str:
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
-    # megatron's dist_checkpointing writes metadata.json into a finished checkpoint folder
-    return training_checkpoint.latest_checkpoint(root, complete_marker="metadata.json")
+    return training_checkpoint.latest_checkpoint(root, complete_marker=COMPLETE)
 
 
 def _adam_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -55,16 +61,23 @@ def _adam_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[s
 
 
 def _layout_dict(layout: Layout) -> dict[str, int]:
-    # The common part must be the same on every rank: sizes only.
     return {"tp_size": layout.tp_size, "pp_size": layout.pp_size, "dp_size": layout.dp_size}
+
+
+def _coords(layout: Layout) -> list[int]:
+    return [layout.pp_rank, layout.tp_rank, layout.dp_rank]
+
+
+def _my_pieces(masks: MaskSet, dims: LlamaDims, layout: Layout, optimizer) -> dict[str, tuple[torch.Tensor, PieceSpec]]:
+    of = {LOGITS: lambda m: m.logits, EXP_AVG: lambda m: _adam_state(optimizer, m.logits)["exp_avg"],
+          EXP_AVG_SQ: lambda m: _adam_state(optimizer, m.logits)["exp_avg_sq"]}
+    return {prefix + p.hf_name: (p.tensor.detach().contiguous(), PieceSpec(p.dim, p.rank, p.parts))
+            for prefix, tensor_of in of.items() for p in local_pieces(masks, dims, layout, tensor_of)}
 
 
 def save(root: str | Path, step: int, masks: MaskSet, optimizer: torch.optim.Optimizer, stream, dims: LlamaDims,
          layout: Layout, history: dict[str, Any], keep: int = 2) -> Path:
     """Every rank calls this (a collective); returns the finished checkpoint folder."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedObject
-
     root = Path(root)
     final, tmp = root / step_name(step), root / f".{step_name(step)}.tmp"
     rank = dist.get_rank()
@@ -72,31 +85,25 @@ def save(root: str | Path, step: int, masks: MaskSet, optimizer: torch.optim.Opt
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    first = next(iter(masks.values())).mask.logits
-    adam_step = float(_adam_state(optimizer, first)["step"])
-    state: dict[str, Any] = {
-        **sharded_tensors(masks, dims, layout, LOGITS, lambda m: m.logits),
-        **sharded_tensors(masks, dims, layout, EXP_AVG, lambda m: _adam_state(optimizer, m.logits)["exp_avg"]),
-        **sharded_tensors(masks, dims, layout, EXP_AVG_SQ, lambda m: _adam_state(optimizer, m.logits)["exp_avg_sq"]),
-        # Every rank of a DP replica reads the same windows; one of them (replica_id 0) writes them.
-        "data_stream": ShardedObject("data_stream", stream.state_dict(), (layout.dp_size,), (layout.dp_rank,),
-                                     replica_id=layout.tp_rank + layout.tp_size * layout.pp_rank),
-        "rng": ShardedObject("rng", _rng_payload(masks), (layout.pp_size, layout.tp_size, layout.dp_size),
-                             (layout.pp_rank, layout.tp_rank, layout.dp_rank), replica_id=0),
-        "step": step, "history": history, "layout": _layout_dict(layout),
-        "optimizer": {"step": adam_step, "param_groups": [{k: v for k, v in g.items() if k != "params"}
-                                                          for g in optimizer.param_groups]},
-    }
-    dist_checkpointing.save(state, str(tmp))
+    if layout.dp_rank == 0:
+        write_pieces(pieces_file(tmp, rank), _my_pieces(masks, dims, layout, optimizer))
+    save_tree(tmp / f"state-{rank:05d}", {"coords": _coords(layout), "stream": stream.state_dict(),
+                                          "rng": _rng_payload(masks)})
+    if rank == 0:
+        first = next(iter(masks.values())).mask.logits
+        save_tree(tmp / "common", {
+            "step": step, "history": history, "layout": _layout_dict(layout),
+            "optimizer": {"step": float(_adam_state(optimizer, first)["step"]),
+                          "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]},
+        })
     dist.barrier()
     if rank == 0:
+        atomic_write_json(tmp / COMPLETE, {"format": FORMAT, "step": step, "world_size": dist.get_world_size()})
         if final.exists():  # left by a run killed between rename and pointer update
             shutil.rmtree(final)
         tmp.rename(final)
         atomic_write_text(root / LATEST, final.name)
-        finished = sorted(p for p in root.glob("step_*") if (p / "metadata.json").is_file())
-        for old in finished[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        remove_old_checkpoints(root, keep, COMPLETE)
     dist.barrier()
     return final
 
@@ -105,13 +112,25 @@ def _rng_payload(masks: MaskSet) -> dict[str, Any]:
     return {"global": rng_state(), "masks": {name: s.mask.generator.get_state() for name, s in masks.items()}}
 
 
+def _state_of(folder: Path, coords: list[int], world: int, match: slice) -> Optional[dict[str, Any]]:
+    """The saved per-rank state whose coordinates equal ``coords`` in the positions ``match`` selects."""
+    for rank in range(world):
+        state = load_tree(folder / f"state-{rank:05d}")
+        if state["coords"][match] == coords[match]:
+            return state
+    return None
+
+
 def load(folder: Path, masks: MaskSet, optimizer: torch.optim.Optimizer, stream, dims: LlamaDims,
          layout: Layout) -> tuple[int, dict[str, Any]]:
     """Restore logits, optimizer, data position and (same layout only) RNG; returns (step, history)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedObject
+    from compressor.utils.fs import read_json
 
-    common = dist_checkpointing.load_common_state_dict(str(folder))
+    meta = read_json(folder / COMPLETE, CheckpointError)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{folder} is not a compressor distributed checkpoint (format {meta.get('format')!r}; "
+                              "checkpoints of earlier versions are not read); start over in a new output folder")
+    common = load_tree(folder / "common")
     saved = common["layout"]
     saved_dp = saved["dp_size"]
     if saved_dp != layout.dp_size:
@@ -119,36 +138,28 @@ def load(folder: Path, masks: MaskSet, optimizer: torch.optim.Optimizer, stream,
             f"{folder} was saved with {saved_dp} data-parallel replicas, this run has {layout.dp_size}: the data "
             f"streams cannot be resumed; resume with parallel.data={saved_dp} (tensor/pipeline sizes may change)")
     same_layout = (saved["tp_size"], saved["pp_size"]) == (layout.tp_size, layout.pp_size)
-    zeros = lambda m: torch.zeros_like(m.logits)  # noqa: E731  (targets the loader fills)
-    request: dict[str, Any] = {
-        **sharded_tensors(masks, dims, layout, LOGITS, zeros),
-        **sharded_tensors(masks, dims, layout, EXP_AVG, zeros),
-        **sharded_tensors(masks, dims, layout, EXP_AVG_SQ, zeros),
-        "data_stream": ShardedObject("data_stream", None, (layout.dp_size,), (layout.dp_rank,),
-                                     replica_id=layout.tp_rank + layout.tp_size * layout.pp_rank),
-    }
-    if same_layout:
-        request["rng"] = ShardedObject("rng", None, (layout.pp_size, layout.tp_size, layout.dp_size),
-                                       (layout.pp_rank, layout.tp_rank, layout.dp_rank), replica_id=0)
-    try:
-        loaded = dist_checkpointing.load(request, str(folder))
-    except Exception as exc:
-        raise CheckpointError(f"cannot load checkpoint {folder} on {layout.describe()}: {exc}") from exc
+    reader = PieceReader(folder)
     adam_step = torch.tensor(float(common["optimizer"]["step"]))
     with torch.no_grad():
         for s in masks.values():
-            pieces = {prefix: {n: loaded[prefix + n] for n in s.hf_weights} for prefix in (LOGITS, EXP_AVG, EXP_AVG_SQ)}
-            s.mask.load_logits(join_pieces(s, pieces[LOGITS], dims, layout), what=f"checkpointed logits of {s.name}")
-            optimizer.state[s.mask.logits] = {
-                "step": adam_step.clone(),
-                "exp_avg": join_pieces(s, pieces[EXP_AVG], dims, layout).to(s.mask.logits.dtype),
-                "exp_avg_sq": join_pieces(s, pieces[EXP_AVG_SQ], dims, layout).to(s.mask.logits.dtype),
-            }
+            def joined(prefix: str, like: torch.Tensor) -> torch.Tensor:
+                wanted = {p.hf_name: PieceSpec(p.dim, p.rank, p.parts)
+                          for p in local_pieces({s.name: s}, dims, layout, lambda m: m.logits)}
+                return join_pieces(s, {n: reader.read(prefix + n, spec) for n, spec in wanted.items()}, dims,
+                                   layout).to(like.dtype)
+
+            logits = s.mask.logits
+            s.mask.load_logits(joined(LOGITS, logits), what=f"checkpointed logits of {s.name}")
+            optimizer.state[logits] = {"step": adam_step.clone(), "exp_avg": joined(EXP_AVG, logits),
+                                       "exp_avg_sq": joined(EXP_AVG_SQ, logits)}
     for group, saved_group in zip(optimizer.param_groups, common["optimizer"]["param_groups"]):
         group.update(saved_group)
-    stream.load_state_dict(loaded["data_stream"])
+    world = meta["world_size"]
+    coords = _coords(layout)
+    stream_state = _state_of(folder, coords, world, slice(2, 3))  # any rank of this data-parallel replica
+    stream.load_state_dict(stream_state["stream"])
     if same_layout:
-        payload = loaded["rng"]
+        payload = _state_of(folder, coords, world, slice(0, 3))["rng"]
         set_rng_state(payload["global"])
         for name, s in masks.items():
             s.mask.generator.set_state(payload["masks"][name])

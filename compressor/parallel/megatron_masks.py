@@ -287,34 +287,3 @@ def assemble(pieces: Sequence[Piece]) -> dict[str, torch.Tensor]:
             raise RuntimeError(f"{name}: pieces of TP ranks {sorted(parts)} gathered, expected 0..{first.parts - 1}")
         out[name] = torch.cat([parts[r].tensor for r in range(first.parts)], dim=first.dim)
     return out
-
-
-# -- distributed checkpoints ------------------------------------------------------------------------
-def sharded_tensors(masks: MaskSet, dims: LlamaDims, layout: Layout, prefix: str,
-                    tensor_of: Callable[[NMMaskParametrization], torch.Tensor]) -> dict:
-    """megatron ShardedTensors of ``tensor_of(mask)``, keyed ``prefix + HF weight name`` with global HF shapes.
-
-    The keys and global shapes do not depend on the layout, so a checkpoint saved at TP=2 loads at
-    TP=1 or TP=4 (and at any PP). Data-parallel replicas hold duplicates (replica_id = dp rank).
-    """
-    from megatron.core.dist_checkpointing import ShardedTensor
-
-    out = {}
-    for p in local_pieces(masks, dims, layout, tensor_of):
-        key = prefix + p.hf_name
-        out[key] = ShardedTensor.from_rank_offsets(key, p.tensor.detach().contiguous(), (p.dim, p.rank, p.parts),
-                                                   replica_id=layout.dp_rank)
-    return out
-
-
-def logits_sharded_state_dict(masks: MaskSet, dims: LlamaDims, layout: Layout, prefix: str = "logits/") -> dict:
-    return sharded_tensors(masks, dims, layout, prefix, lambda m: m.logits)
-
-
-@torch.no_grad()
-def load_sharded_logits(masks: MaskSet, loaded: Mapping[str, torch.Tensor], dims: LlamaDims, layout: Layout,
-                        prefix: str = "logits/") -> None:
-    """Copy logits loaded from a distributed checkpoint (keys as in ``logits_sharded_state_dict``)."""
-    for s in masks.values():
-        by_name = {n: loaded[prefix + n] for n in s.hf_weights}
-        s.mask.load_logits(join_pieces(s, by_name, dims, layout), what=f"checkpointed logits of {s.name}")

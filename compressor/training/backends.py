@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Optional
 
 import torch
@@ -164,13 +163,21 @@ class DeepSpeedBackend(Backend):
     def step(self) -> None:
         pass  # the engine stepped at the accumulation boundary inside ``backward``
 
+    # Entries of a ZeRO optimizer's state that are DeepSpeed objects rather than data: a checkpoint holds
+    # no objects (compressor.checkpoints.tree), and these follow from the configuration anyway (the
+    # loss scaler of an fp32 run, the parameter -> flat-buffer map), so a resume takes the live ones.
+    LIVE_STATE = ("loss_scaler", "param_slice_mappings")
+
     def optimizer_state(self) -> Any:
-        return self.optimizer.state_dict()
+        state = self.optimizer.state_dict()
+        return state if self.cfg.zero_stage == 0 else {k: v for k, v in state.items() if k not in self.LIVE_STATE}
 
     def load_optimizer_state(self, state: Any) -> None:
         if self.cfg.zero_stage == 0:
             self.optimizer.load_state_dict(state)
             return
+        live = self.optimizer.state_dict()
+        state = {**{k: live[k] for k in self.LIVE_STATE if k in live}, **state}
         # ZeRO's loaders take a list of every rank's state and pick their own; the state also holds this
         # rank's fp32 master partition, which they copy back into the parameters.
         self.optimizer.load_state_dict([state] * self.world_size)

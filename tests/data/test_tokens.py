@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from compressor.data import DatasetConfig, calibration_windows, eval_windows, load_token_ids, tokens
 from compressor.errors import DataError
@@ -124,7 +125,7 @@ def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
     path = tmp_path / "t.txt"
     path.write_text("Hello world. " * 20)
     first = load_token_ids(path, CharTokenizer())
-    assert len(cache_files(tmp_path)) == 1 and cache_files(tmp_path)[0].endswith(".pt")  # no temp files left
+    assert len(cache_files(tmp_path)) == 1 and cache_files(tmp_path)[0].endswith(".safetensors")  # no temp files left
 
     calls = []
     real = tokens._tokenize
@@ -162,7 +163,7 @@ def test_damaged_cache_is_rebuilt(tmp_path, caplog):
     entry.write_bytes(b"garbage")
     assert load_token_ids(path, CharTokenizer()).tolist() == chars("some text")
     assert "unreadable token cache" in caplog.text
-    assert torch.load(entry, weights_only=True).tolist() == chars("some text")
+    assert load_file(str(entry))["ids"].tolist() == chars("some text")
 
 
 def test_builtin_is_cached_and_hf_is_not(tmp_path, monkeypatch):
