@@ -8,6 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 from compressor.errors import CompressorError
+from compressor.utils.fs import describe_os_error
 from compressor.utils.logging import get_logger, setup_logging
 
 log = get_logger("compressor")
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of a model or a run folder")
     _config_args(p, required=False)
     p.add_argument("--model", help="model source: run folder, HF folder, .gguf file, hub name or smollm2-135m")
-    p.add_argument("--output", help="write the report JSON here")
+    p.add_argument("--output", help="write the report JSON here (a new file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
     from compressor.runs.export import EXAMPLES, add_export_arguments
 
@@ -78,10 +80,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report = run_prune(_load(PruneConfig, args), args.output, args.overwrite, args.resume)
             _summary(report)
         elif args.command == "learn":
-            from compressor.runs.learn import launch_learn
+            from compressor.runs.learn import run_learn
             from compressor.training.config import LearnConfig
 
-            report = launch_learn(_load(LearnConfig, args), args.output, args.overwrite, args.resume)
+            report = run_learn(_load(LearnConfig, args), args.output, args.overwrite, args.resume)
             if report is not None:
                 ppl = report.get("perplexity")
                 print(f"maskllm {report['sparsity']}: {len(report['history']['logs'])} log points"
@@ -95,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             if args.model:
                 args.overrides.append(f"model.source={args.model}")
-            report = run_eval(_load(EvalRunConfig, args), args.output)
+            report = run_eval(_load(EvalRunConfig, args), args.output, args.overwrite)
             print(json.dumps(report["perplexity"], indent=2))
         elif args.command == "export":
             from compressor.runs.export import run_export
@@ -103,6 +105,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_export(args)
     except CompressorError as e:
         log.error("%s", e)
+        return 2
+    except OSError as e:  # a file we could not read or write, outside the paths that explain it themselves
+        log.error("%s", describe_os_error(e))
         return 2
     return 0
 

@@ -48,19 +48,19 @@ def launch(cfg: "DistributedLearnConfig", output: str | Path, overwrite: bool = 
     from the checkpoints in it without asking again. ``resume`` also continues a finished run given more
     ``train.steps`` (``train_rank`` checks that the rest of the config matches the saved one).
     """
+    from compressor.config.base import input_paths
     from compressor.parallel.ray_driver import run_worker_group
-    from compressor.utils.fs import prepare_output_dir
+    from compressor.utils.run_folder import run_folder
 
-    out = Path(output).resolve()
-    if not (resume and out.is_dir()):
-        prepare_output_dir(out, overwrite=overwrite, resume=resume)
     if entry is None:
         from compressor.parallel.megatron_train import train_rank
 
         entry = train_rank
     p = cfg.parallel
-    log.info("launch: %d ranks (TP=%d PP=%d DP=%d), output %s", p.world_size, p.tensor, p.pipeline, p.data, out)
-    return run_worker_group(entry, (cfg, str(out)), world_size=p.world_size, cfg=cfg.ray)
+    out = Path(output).resolve()
+    with run_folder(out, "launch", input_paths(cfg), overwrite, resume, resume_finished=True):
+        log.info("launch: %d ranks (TP=%d PP=%d DP=%d), output %s", p.world_size, p.tensor, p.pipeline, p.data, out)
+        return run_worker_group(entry, (cfg, str(out)), world_size=p.world_size, cfg=cfg.ray)
 
 
 def run_from_args(args: argparse.Namespace) -> int:

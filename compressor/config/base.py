@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Iterable, TypeVar, Union
 
@@ -29,6 +30,37 @@ SparsityField = Annotated[
 ]
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class _ReadsPath:
+    """Field metadata: the value may name a local path the run reads (so its output must stay apart)."""
+
+    def __repr__(self) -> str:
+        return "InputPath"
+
+
+_INPUT = _ReadsPath()
+# A model source, data source, prior or logits path: a local path, or a name that is not one (a hub
+# name, "builtin:..."); ``input_paths`` collects them for the output-folder checks.
+InputPath = Annotated[str, _INPUT]
+
+
+def _marks_input(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is Annotated:
+        return _INPUT in annotation.__metadata__
+    return any(_marks_input(arg) for arg in typing.get_args(annotation))
+
+
+def input_paths(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
+    """Every ``InputPath`` value set in ``cfg`` (nested sections too), keyed by its dotted field name."""
+    found: dict[str, str] = {}
+    for name, info in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        if isinstance(value, BaseModel):
+            found.update(input_paths(value, f"{prefix}{name}."))
+        elif isinstance(value, str) and (_INPUT in info.metadata or _marks_input(info.annotation)):
+            found[f"{prefix}{name}"] = value
+    return found
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -6,14 +6,14 @@ from typing import Literal, Optional
 
 from pydantic import PositiveInt
 
-from compressor.config.base import StrictModel
+from compressor.config.base import InputPath, StrictModel
 
 
 class DatasetConfig(StrictModel):
     # builtin:python-docs   offline English text that ships with every CPython (the default)
     # a path               a .txt/.raw/.tokens, .jsonl/.json or .parquet file, or a folder of them
     # hf:<name>            a Hugging Face dataset (needs network and the `datasets` package)
-    source: str = "builtin:python-docs"
+    source: InputPath = "builtin:python-docs"
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = "text"  # the column / JSON key holding the text (JSONL, Parquet, hf)
     split: Optional[str] = None  # builtin: train | eval (default train); hf: a split name (default train)

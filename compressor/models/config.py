@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from compressor.config.base import StrictModel
+from compressor.config.base import InputPath, StrictModel
 
 DType = Literal["float32", "bfloat16", "float16"]
 
 
 class ModelConfig(StrictModel):
     # "smollm2-135m" (embedded default), a local HF folder, a .gguf file, or a hub name.
-    source: str = "smollm2-135m"
+    source: InputPath = "smollm2-135m"
     # Which .gguf inside a folder that holds several.
     gguf_file: Optional[str] = None
     dtype: DType = "float32"

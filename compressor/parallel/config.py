@@ -6,7 +6,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import PositiveInt, field_validator, model_validator
 
-from compressor.config.base import StrictModel
+from compressor.config.base import InputPath, StrictModel
 from compressor.parallel.ray_config import RayWorkersConfig
 from compressor.training.config import FilePriorRule, MaskLearningConfig
 
@@ -17,7 +17,7 @@ class DistributedPriorConfig(FilePriorRule):
     """Where the initial logits come from: random, or the masks of an earlier run."""
 
     kind: Literal["none", "file"] = "none"
-    path: Optional[str] = None  # masks.safetensors, or a `compressor prune` / `compressor learn` run folder
+    path: Optional[InputPath] = None  # masks.safetensors, or a `compressor prune` / `compressor learn` run folder
 
     @field_validator("kind", mode="before")
     @classmethod

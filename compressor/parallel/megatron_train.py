@@ -59,8 +59,9 @@ log = get_logger(__name__)
 
 CHECKPOINTS = "checkpoints"
 # Config sections a resumed run may change: more steps, another evaluation, placement, TP/PP layout.
-RESUMABLE_CHANGES = ("steps", "evaluation", "ray", "parallel", "log_every", "eval_every", "checkpoint_every",
-                     "keep_checkpoints")
+RESUMABLE_CHANGES = ("train.steps", "evaluation", "ray", "parallel", "train.log_every", "train.eval_every",
+                     "train.checkpoint_every", "train.keep_checkpoints")
+RESUMABLE_DESCRIPTION = "steps, evaluation, logging/checkpoint intervals, the parallel layout and ray"
 
 
 # -- one forward/backward over the micro-batches of a step -----------------------------------------
@@ -267,32 +268,6 @@ def _priors(cfg: DistributedLearnConfig) -> Optional[dict[str, torch.Tensor]]:
     return load_masks(path / "masks.safetensors" if path.is_dir() else path)
 
 
-def _check_or_save_config(out: Path, cfg: DistributedLearnConfig, resuming: bool) -> None:
-    import yaml
-
-    from compressor.config.base import yaml_load
-    from compressor.utils.fs import atomic_write_text
-
-    current = cfg.model_dump(mode="json")
-    path = out / "config.yaml"
-    if resuming and path.is_file():
-        saved = yaml_load(path.read_text()) or {}
-
-        def strip(d: dict) -> dict:
-            d = {k: v for k, v in d.items() if k not in RESUMABLE_CHANGES}
-            if isinstance(d.get("train"), dict):
-                d["train"] = strip(d["train"])
-            return d
-
-        a, b = strip(saved), strip(current)
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        if diff:
-            raise ConfigError(f"cannot resume {out}: the config differs from the saved run's in {', '.join(diff)} "
-                              "(only steps, evaluation, logging/checkpoint intervals, parallel layout and ray may "
-                              "change); use another output folder to start over")
-    atomic_write_text(path, yaml.safe_dump(current, sort_keys=False))
-
-
 def _link_model(out: Path, folder: Path) -> None:
     """``model/`` links the dense base model, so `compressor export <run>` applies masks.safetensors to it."""
     from compressor.utils.fs import atomic_dir
@@ -326,6 +301,7 @@ def train_rank(cfg: DistributedLearnConfig, output: str) -> Optional[dict[str, A
 
 def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
     from compressor.models.loading import load_tokenizer
+    from compressor.runs.common import save_or_check_config
     from compressor.runs.learn import make_stream
 
     world = dist.get_world_size()
@@ -342,7 +318,8 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
         try:
-            _check_or_save_config(out, cfg, resuming=ckpt.latest_checkpoint(root) is not None)
+            save_or_check_config(out, cfg, resuming=ckpt.latest_checkpoint(root) is not None,
+                                 ignore=RESUMABLE_CHANGES, may_change=RESUMABLE_DESCRIPTION)
         except ConfigError as exc:
             problem[0] = str(exc)
     dist.broadcast_object_list(problem, src=0)  # every rank fails with the same message, none waits forever

@@ -25,17 +25,35 @@ def config_dict(cfg: BaseModel) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
-def save_or_check_config(out: Path, cfg: BaseModel, resuming: bool, ignore: tuple[str, ...] = ("executor",)) -> None:
-    """Record the config; when resuming, refuse a config that would change the result."""
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ, leaving out the ``ignore`` keys and everything under them."""
+    a, b = _flat(saved), _flat(current)
+    ignored = lambda key: any(key == i + "." or key.startswith(i + ".") for i in ignore)  # noqa: E731
+    return sorted(k.rstrip(".") for k in set(a) | set(b) if not ignored(k) and a.get(k) != b.get(k))
+
+
+def save_or_check_config(out: Path, cfg: BaseModel, resuming: bool, ignore: tuple[str, ...] = ("executor",),
+                         may_change: str = "the executor") -> None:
+    """Record the config; when resuming, refuse a config that would change the result.
+
+    ``ignore``: dotted keys (sections or single values, e.g. ``train.steps``) a resumed run may change,
+    described to the user as ``may_change``.
+    """
     path = out / CONFIG_FILE
     current = config_dict(cfg)
     if resuming and path.is_file():
-        saved = yaml_load(path.read_text()) or {}
-        diff = sorted(k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k))
+        diff = config_differences(yaml_load(path.read_text()) or {}, current, ignore)
         if diff:
             raise ConfigError(
-                f"cannot resume {out}: the config differs from the interrupted run's in {', '.join(diff)}; "
-                "use the same config (see its config.yaml) or pass --overwrite to start over"
+                f"cannot resume {out}: the config differs from the saved run's in {', '.join(diff)} (only "
+                f"{may_change} may change); use the same config (see its config.yaml), or pass --overwrite "
+                "(or another --output) to start over"
             )
     atomic_write_text(path, yaml.safe_dump(current, sort_keys=False))
 

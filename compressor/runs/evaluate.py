@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from compressor.config.base import StrictModel
+from compressor.config.base import StrictModel, input_paths
 from compressor.eval.config import EvalConfig
 from compressor.models.config import ModelConfig
 from compressor.runs.common import evaluate, eval_windows_for
 from compressor.utils.env import environment_info
 from compressor.utils.fs import atomic_write_json
+from compressor.utils.run_folder import check_output_file
 
 
 class EvalRunConfig(StrictModel):
@@ -26,10 +27,12 @@ def resolve_model_source(source: str) -> str:
     return source
 
 
-def run_eval(cfg: EvalRunConfig, output: Optional[str | Path] = None) -> dict[str, Any]:
+def run_eval(cfg: EvalRunConfig, output: Optional[str | Path] = None, overwrite: bool = False) -> dict[str, Any]:
     from compressor.models import load_model
 
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": resolve_model_source(cfg.model.source)})})
+    if output is not None:
+        check_output_file(output, overwrite, input_paths(cfg))
     loaded = load_model(cfg.model)
     windows, note = eval_windows_for(cfg.evaluation, loaded.tokenizer)
     result = evaluate(loaded.model, windows, cfg.evaluation, note, "perplexity")

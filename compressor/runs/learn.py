@@ -14,6 +14,7 @@ import torch
 
 from compressor.checkpoints.logits import load_logits, save_logits
 from compressor.checkpoints.masks import load_masks, save_masks
+from compressor.config.base import input_paths
 from compressor.errors import ConfigError
 from compressor.execution.base import InProcessExecutor
 from compressor.methods.maskllm import attach_masks, mask_memory_bytes, prior_agreement, remove_masks
@@ -27,7 +28,8 @@ from compressor.runs.common import evaluate, eval_windows_for, finish_report, sa
 from compressor.training.backends import Backend, DeepSpeedBackend, SingleProcessBackend
 from compressor.training.config import LearnConfig
 from compressor.training.loop import backend_grad_accum, gathered_logits, train_masks
-from compressor.utils.fs import atomic_dir, prepare_output_dir
+from compressor.utils.fs import atomic_dir
+from compressor.utils.run_folder import run_folder
 from compressor.utils.logging import get_logger, setup_logging
 from compressor.utils.timing import PhaseTimer
 
@@ -77,16 +79,13 @@ def make_backend(cfg: LearnConfig) -> Backend:
     return DeepSpeedBackend(cfg.deepspeed) if cfg.backend == "deepspeed" else SingleProcessBackend()
 
 
-def run_learn(cfg: LearnConfig, output: str | Path, overwrite: bool = False, resume: bool = False) -> Optional[dict[str, Any]]:
-    """Run on every rank (rank and world size come from the environment); rank 0 returns the report."""
+def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]:
+    """Run on every rank (rank and world size come from the environment) in the run folder ``output``,
+    already opened by ``run_learn``; rank 0 returns the report."""
     from compressor.models import load_model
 
     backend = make_backend(cfg)
     out = Path(output)
-    if backend.is_main:
-        prepare_output_dir(out, overwrite=overwrite, resume=resume)
-        save_or_check_config(out, cfg, resuming=resume, ignore=("evaluation",))
-    backend.barrier()
     timer = PhaseTimer()
     torch.manual_seed(cfg.train.seed)
     with timer.phase("load"):
@@ -212,22 +211,27 @@ def _plots(out: Path, history) -> list[str]:
     return [str(p.relative_to(out)) for p in plots]
 
 
-def _worker(rank: int, world_size: int, cfg: LearnConfig, output: str, overwrite: bool, resume: bool) -> None:
+def _worker(rank: int, world_size: int, cfg: LearnConfig, output: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(cfg.deepspeed.master_port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     setup_logging("INFO" if rank == 0 else "WARNING")
-    run_learn(cfg, output, overwrite, resume)
+    learn_rank(cfg, output)
 
 
-def launch_learn(cfg: LearnConfig, output: str | Path, overwrite: bool = False, resume: bool = False) -> Optional[dict]:
-    """One process, or ``deepspeed.world_size`` local ranks (one command; a cluster uses its own launcher)."""
-    if cfg.backend != "deepspeed" or cfg.deepspeed.world_size == 1 or "RANK" in os.environ:
-        return run_learn(cfg, output, overwrite, resume)
-    import json
+def run_learn(cfg: LearnConfig, output: str | Path, overwrite: bool = False, resume: bool = False) -> Optional[dict]:
+    """`compressor learn`: one process, or ``deepspeed.world_size`` local ranks (one command; a cluster
+    starts one process per rank with its own launcher, RANK set, and rank 0 owns the folder)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return learn_rank(cfg, output)
+    with run_folder(output, "learn", input_paths(cfg), overwrite, resume) as folder:
+        save_or_check_config(folder.path, cfg, resuming=folder.resumed, ignore=("evaluation",))
+        if cfg.backend != "deepspeed" or cfg.deepspeed.world_size == 1 or "RANK" in os.environ:
+            return learn_rank(cfg, folder.path)
+        import json
 
-    import torch.multiprocessing as mp
+        import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(cfg.deepspeed.world_size, cfg, str(output), overwrite, resume),
-             nprocs=cfg.deepspeed.world_size, join=True)
-    return json.loads((Path(output) / "report.json").read_text())
+        mp.spawn(_worker, args=(cfg.deepspeed.world_size, cfg, str(folder.path)), nprocs=cfg.deepspeed.world_size,
+                 join=True)
+        return json.loads((folder.path / "report.json").read_text())

@@ -5,13 +5,13 @@ from __future__ import annotations
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from compressor.calibration.config import CalibrationConfig
 from compressor.checkpoints.masks import save_masks
-from compressor.config.base import SparsityField, StrictModel
+from compressor.config.base import SparsityField, StrictModel, input_paths
 from compressor.eval.config import EvalConfig
 from compressor.execution.base import ExecutorConfig, make_executor
 from compressor.methods.registry import (
@@ -28,7 +28,8 @@ from compressor.reporting.plots import plot_layer_errors
 from compressor.reporting.summary import mean_by_type, mean_of, weighted_density
 from compressor.sparsity import NM, is_nm
 from compressor.runs.common import evaluate, eval_windows_for, finish_report, save_or_check_config
-from compressor.utils.fs import atomic_dir, prepare_output_dir
+from compressor.utils.fs import atomic_dir
+from compressor.utils.run_folder import run_folder
 from compressor.utils.logging import get_logger
 from compressor.utils.timing import PhaseTimer
 
@@ -95,11 +96,16 @@ class LazyWalk:
 
 
 def run_prune(cfg: PruneConfig, output: str | Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Prune into the run folder ``output`` (see ``compressor.utils.run_folder`` for the folder policy)."""
+    with run_folder(output, "prune", input_paths(cfg), overwrite, resume) as folder:
+        save_or_check_config(folder.path, cfg, resuming=folder.resumed)
+        return _prune(cfg, folder.path)
+
+
+def _prune(cfg: PruneConfig, out: Path) -> dict[str, Any]:
     from compressor.data import calibration_windows, load_token_ids
     from compressor.models import load_model
 
-    out = prepare_output_dir(output, overwrite=overwrite, resume=resume)
-    save_or_check_config(out, cfg, resuming=resume)
     timer = PhaseTimer()
     with timer.phase("load"):
         loaded = load_model(cfg.model, empty=cfg.model.lazy)

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 from pydantic import Field, PositiveInt, model_validator
 
 from compressor.calibration.config import CalibrationConfig
-from compressor.config.base import StrictModel
+from compressor.config.base import InputPath, StrictModel
 from compressor.data.config import DatasetConfig
 from compressor.eval.config import EvalConfig
 from compressor.methods.maskllm.config import MaskLLMConfig
@@ -32,7 +32,7 @@ class PriorConfig(FilePriorRule):
     # none: random logits; a one-shot method: run it first (mask only, weights untouched);
     # file: masks.safetensors / a `compressor prune` run folder
     kind: Literal["none", "magnitude", "wanda", "sparsegpt", "sparseswaps", "file"] = "sparsegpt"
-    path: Optional[str] = None
+    path: Optional[InputPath] = None
     calibration: CalibrationConfig = CalibrationConfig()
     sparsegpt: SparseGPTOptions = SparseGPTOptions(update_weights=False)
     sparseswaps: SparseSwapsOptions = SparseSwapsOptions()
@@ -57,7 +57,7 @@ class MaskLearningConfig(StrictModel):
 
     model: ModelConfig = ModelConfig()
     maskllm: MaskLLMConfig = MaskLLMConfig()
-    init_logits: Optional[str] = None  # transfer: logits.safetensors of an earlier run (overrides the prior)
+    init_logits: Optional[InputPath] = None  # transfer: logits.safetensors of an earlier run (overrides the prior)
     targets: list[str] = [".*"]  # regexes on linear names
     ignore: list[str] = []
     train: TrainConfig = TrainConfig()

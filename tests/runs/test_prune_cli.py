@@ -8,7 +8,6 @@ import yaml
 
 from compressor.checkpoints.masks import load_masks
 from compressor.cli import main
-from compressor.errors import OutputExistsError
 from compressor.models import load_model
 from compressor.sparsity import NM, is_nm
 
@@ -62,13 +61,27 @@ def test_prune_writes_model_masks_and_report(tmp_path, tiny_llama_dir, text_file
     assert main(["prune", "--config", str(cfg), "--output", str(out), "--resume"]) == 2
 
 
-def test_resume_refuses_a_changed_config(tmp_path, tiny_llama_dir, text_file):
+def test_resume_refuses_a_changed_config(tmp_path, tiny_llama_dir, text_file, monkeypatch, caplog):
+    from compressor.pipelines.block_store import BlockStore
+
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.yaml").write_text(yaml.safe_dump({"method": "magnitude"}))
     cfg = _config(tmp_path, text_file, model=tiny_llama_dir)
+    real_save = BlockStore.save
+
+    def save_then_die(self, block, results):
+        real_save(self, block, results)
+        raise KeyboardInterrupt  # killed after the first block's results are on disk
+
+    monkeypatch.setattr(BlockStore, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(["prune", "--config", str(cfg), "--output", str(out)])
+    monkeypatch.setattr(BlockStore, "save", real_save)
     assert main(["prune", "--config", str(cfg), "--output", str(out)]) == 2  # unfinished: needs --resume
-    assert main(["prune", "--config", str(cfg), "--output", str(out), "--resume"]) == 2  # config differs
+    assert "pass --resume" in caplog.text
+    assert main(["prune", "--config", str(cfg), "--output", str(out), "--resume", "--set", "method=magnitude"]) == 2
+    assert "differs from the saved run's in method" in caplog.text
+    assert main(["prune", "--config", str(cfg), "--output", str(out), "--resume"]) == 0
+    assert "resumed: 1 finished blocks" in caplog.text
 
 
 @pytest.mark.parametrize("problem", ["missing_model", "not_causal_lm", "nan_weight", "indivisible", "missing_data"])

@@ -16,6 +16,7 @@ from compressor.errors import ConfigError
 from compressor.models import load_model
 from compressor.runs.learn import run_learn
 from compressor.sparsity import NM, is_nm
+from compressor.utils.run_folder import open_run_folder
 from tests.training.test_learn import _cfg, _Interleaved
 
 pytestmark = pytest.mark.distributed
@@ -29,7 +30,7 @@ class _Kill(Exception):
     pass
 
 
-def _rank(rank: int, world: int, cfg, out: str, resume: bool, kill_at: int) -> None:
+def _rank(rank: int, world: int, cfg, out: str, kill_at: int) -> None:
     """One spawned rank of `compressor learn` that records its parameter partition sizes and, given
     ``kill_at``, dies right after writing that step's checkpoint."""
     import compressor.runs.learn as learn
@@ -49,7 +50,7 @@ def _rank(rank: int, world: int, cfg, out: str, resume: bool, kill_at: int) -> N
             raise _Kill(f"killed after the checkpoint of step {step}")
 
     learn.train_masks, loop._save = train_recording, save_then_die
-    learn._worker(rank, world, cfg, out, False, resume)
+    learn._worker(rank, world, cfg, out)
 
 
 def _deepspeed(tiny_llama_dir, text, port, stage=3):
@@ -58,7 +59,9 @@ def _deepspeed(tiny_llama_dir, text, port, stage=3):
 
 
 def _spawn(cfg, out: Path, resume: bool = False, kill_at: int = 0) -> None:
-    mp.spawn(_rank, args=(2, cfg, str(out), resume, kill_at), nprocs=2, join=True)
+    """What `compressor learn` does with ``deepspeed.world_size: 2``, with the ranks instrumented."""
+    open_run_folder(out, "learn", resume=resume)
+    mp.spawn(_rank, args=(2, cfg, str(out), kill_at), nprocs=2, join=True)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from compressor.checkpoints.masks import load_masks
 from compressor.config.base import validate_config
 from compressor.errors import ConfigError, NonFiniteError
 from compressor.models import load_model
-from compressor.runs.learn import launch_learn, run_learn
+from compressor.runs.learn import run_learn
 from compressor.sparsity import NM, is_nm
 from compressor.training.config import LearnConfig
 
@@ -156,7 +156,7 @@ def test_deepspeed_two_ranks_match_single_process(tmp_path, tiny_llama_dir, text
 
     double = _cfg(tiny_llama_dir, text_file, **{**base, "train.micro_batch_size": 1}, backend="deepspeed",
                   deepspeed={"zero_stage": zero_stage, "world_size": 2, "master_port": 29562 + zero_stage})
-    report = launch_learn(double, tmp_path / "two")
+    report = run_learn(double, tmp_path / "two")
     assert report["world_size"] == 2
     a = load_logits(tmp_path / "one" / "logits.safetensors")
     b = load_logits(tmp_path / "two" / "logits.safetensors")
