@@ -30,6 +30,7 @@ from compressor.execution.base import Executor
 from compressor.sparsity.bitpack import unpack_bits
 from compressor.sparsity.nm import NM, check_divisible
 from compressor.utils.logging import get_logger
+from compressor.utils.run_folder import check_output_target
 
 log = get_logger(__name__)
 
@@ -46,6 +47,8 @@ class ExportOptions(StrictModel):
     targets: tuple[str, ...] = (".*",)  # regexes on linear names, as in pruning configs
     ignore: tuple[str, ...] = ()
     overwrite: bool = False
+    # read a source without a valid manifest as it is, unchecked; the output then gets no manifest either
+    trust_unverified: bool = False
 
     @field_validator("targets", "ignore")
     @classmethod
@@ -83,6 +86,7 @@ class MaskedSource:
 
     folder = property(lambda self: self.base.folder)
     names = property(lambda self: self.base.names)
+    verification = property(lambda self: self.base.verification)
 
     def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         return self.base.info(name)
@@ -139,15 +143,18 @@ def _is_checkpoint(path: Path) -> bool:
     return (path / MANIFEST_NAME).is_file()
 
 
-def read_checkpoint(path: Path, masks: Optional[Path] = None, logits: Optional[Path] = None) -> MaskedSource:
-    """Our compressed or dense sharded export (checksums verified first), or any HF safetensors folder."""
-    reader = CheckpointReader(path, verify=_is_checkpoint(path))
-    if reader.manifest:
+def read_checkpoint(path: Path, masks: Optional[Path] = None, logits: Optional[Path] = None,
+                    verify: bool = True) -> MaskedSource:
+    """Our compressed or dense sharded export (checksums verified first), or any HF safetensors folder
+    (verified in full as it is read; see ``compressor.checkpoints.load``)."""
+    reader = CheckpointReader(path, verify=verify)
+    if reader.verification == "sha256":
         reader.verify()
     return MaskedSource(reader, masks, logits)
 
 
-def read_run(path: Path, masks: Optional[Path] = None, logits: Optional[Path] = None) -> MaskedSource:
+def read_run(path: Path, masks: Optional[Path] = None, logits: Optional[Path] = None,
+             verify: bool = True) -> MaskedSource:
     """A compressor run folder: ``model/`` plus ``masks.safetensors`` or ``logits.safetensors``."""
     if not (path / "model" / "config.json").is_file():
         raise CheckpointError(f"run folder {path} has no model/ (run with save_model: true, or convert the base "
@@ -159,7 +166,7 @@ def read_run(path: Path, masks: Optional[Path] = None, logits: Optional[Path] = 
             logits = path / "logits.safetensors"
         elif (path / "checkpoints" / "latest").is_file():  # an unfinished distributed run: its last checkpoint
             logits = _dist_checkpoint_logits(path)
-    return read_checkpoint(path / "model", masks, logits)
+    return read_checkpoint(path / "model", masks, logits, verify)
 
 
 def _dist_checkpoint_logits(run: Path) -> Path:
@@ -168,10 +175,9 @@ def _dist_checkpoint_logits(run: Path) -> Path:
 
     from compressor.checkpoints.logits import load_dist_logits, save_logits
     from compressor.config.base import read_yaml
+    from compressor.training.checkpoint import latest_checkpoint
 
-    step = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
-    if not (step / "metadata.json").is_file():
-        raise CheckpointError(f"{step} is not a finished distributed checkpoint (no metadata.json)")
+    step = latest_checkpoint(run / "checkpoints")
     config = read_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
     sparsity = (config.get("maskllm") or {}).get("sparsity", "2:4")
     out = Path(tempfile.mkdtemp(prefix="compressor-logits-")) / "logits.safetensors"
@@ -193,14 +199,15 @@ def detect_format(path: Path) -> str:
 
 
 def open_source(path: str | Path, masks: Optional[str | Path] = None, logits: Optional[str | Path] = None,
-                fmt: Optional[str] = None) -> MaskedSource:
+                fmt: Optional[str] = None, verify: bool = True) -> MaskedSource:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder")
     for extra in (masks, logits):
         if extra is not None and not Path(extra).is_file():
             raise CheckpointError(f"{extra} does not exist")
-    return READERS[fmt or detect_format(path)](path, Path(masks) if masks else None, Path(logits) if logits else None)
+    return READERS[fmt or detect_format(path)](path, Path(masks) if masks else None,
+                                               Path(logits) if logits else None, verify)
 
 
 # --- writers ---------------------------------------------------------------------------------------
@@ -230,18 +237,12 @@ class ExportSummary:
 def sparse_weight_names(folder: Path, targets: tuple[str, ...] = (".*",), ignore: tuple[str, ...] = ()
                         ) -> tuple[list[str], list[str]]:
     """(every decoder linear, those chosen by ``targets``/``ignore`` as in pruning configs), as weight names."""
-    from transformers import AutoModelForCausalLM
-
     from compressor.models.arch import get_arch
     from compressor.models.layers import prunable_linears
-    from compressor.models.loading import load_hf_config
+    from compressor.models.loading import meta_model
 
-    config = load_hf_config(folder)
-    arch = get_arch(config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(folder)
+    arch = get_arch(model.config)
     every = [f"{t.name}.weight" for t in prunable_linears(model, arch)]
     return every, [f"{t.name}.weight" for t in prunable_linears(model, arch, targets, ignore)]
 
@@ -296,12 +297,18 @@ def write_sharded(source: MaskedSource, out: Path, options: ExportOptions, execu
             progress(result, done[0], len(plans))
 
     sparse_names = [e.name for e in entries if e.nm is not None]
-    manifest = {"layout": options.format, "sparsity": str(nm), "dtype": dtype_name,
-                "sparse_layers": sparse_names, "source": str(source.folder)}
+    # A manifest vouches for the data: only over a source that was verified (its own manifest, or in full)
+    manifest = None
+    if source.verification != "none":
+        manifest = {"layout": options.format, "sparsity": str(nm), "dtype": dtype_name, "sparse_layers": sparse_names,
+                    "source": str(source.folder), "source_verification": source.verification}
+    else:
+        log.warning("%s was read unverified (--trust-unverified): %s gets no manifest, and is verified in full "
+                    "whenever it is read", source.folder, out)
     results = write_checkpoint(
         source, out, plans,
         _output_config(source, options, nm, dtype_name, sparse_names, linears), manifest,
-        source.support_files(), options.dtype, executor, options.overwrite, on_shard,
+        source.support_files(), options.dtype, executor, options.overwrite, on_shard, mark="export",
     )
     layers = sorted((layer for r in results for layer in r.layers), key=lambda s: _natural(s.name))
     numel = sum(int(torch.Size(s.shape).numel()) for s in layers)
@@ -323,11 +330,30 @@ WRITERS: dict[str, Callable[..., ExportSummary]] = {"compressed": write_sharded,
 def convert_checkpoint(src: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
                        masks: Optional[str | Path] = None, logits: Optional[str | Path] = None,
                        executor: Optional[Executor] = None, progress: Optional[Progress] = None) -> ExportSummary:
-    """Read ``src`` (run folder, HF folder or our sharded export), write ``out`` in ``options.format``."""
-    source = open_source(src, masks, logits)
-    if Path(out).resolve() == Path(src).resolve():
-        raise ConfigError(f"output {out} is the input folder; choose another output")
+    """Read ``src`` (run folder, HF folder or our sharded export), write ``out`` in ``options.format``.
+
+    ``out`` is refused if it overlaps any input (also the files a run's ``model/`` links to), or if it
+    exists and is not an earlier output of compressor (``--overwrite`` replaces only those, after the
+    new folder is complete).
+    """
+    check_output_target(out, options.overwrite, export_inputs(src, masks, logits))
+    source = open_source(src, masks, logits, verify=not options.trust_unverified)
     return WRITERS[options.format](source, Path(out), options, executor, progress)
+
+
+def export_inputs(src: str | Path, masks: Optional[str | Path], logits: Optional[str | Path]) -> dict[str, Path]:
+    """What an export reads: the source, mask / logits files, and the targets of files its model links to."""
+    inputs: dict[str, Path] = {"export source": Path(src)}
+    if masks:
+        inputs["--masks file"] = Path(masks)
+    if logits:
+        inputs["--logits file"] = Path(logits)
+    for folder in (Path(src), Path(src) / "model"):
+        if folder.is_dir():
+            for f in folder.iterdir():
+                if f.is_symlink():
+                    inputs[f"folder {f.resolve().parent} (linked from {f})"] = f.resolve().parent
+    return inputs
 
 
 def _mb(n: int) -> str:

@@ -1,23 +1,28 @@
 """Read a compressed (or dense) sharded checkpoint back: verify, decompress, build a transformers model.
 
-Every check names the file and tensor at fault: a missing manifest (unfinished export), a shard that
-is missing, truncated or fails its SHA-256, an unreadable tensor, a bitmask that breaks the N:M pattern.
-On CUDA with compute capability >= 8.0 the 2:4 linears can use PyTorch's semi-structured sparse kernels.
+Verification cannot be skipped by accident. A folder with our manifest is checked against it (size
+and SHA-256 of every shard); a folder without a valid one (any HF folder, a run's ``model/``, an
+export made with ``--trust-unverified``) is verified in full as its tensors are read: every name and
+shape against the model of its config, every value finite, the N:M pattern of every bitmask (an
+export re-checks the pattern of whatever it writes as sparse). ``verify=False`` (the CLI's ``--trust-unverified``) is the explicit way
+out. Every check names the file and tensor at fault. On CUDA with compute capability >= 8.0 the 2:4
+linears can use PyTorch's semi-structured sparse kernels.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from compressor.checkpoints.compressed import SUFFIXES, compressed_keys, decompress_nm
-from compressor.checkpoints.sharded import DTYPES, INDEX_NAME, read_manifest, sha256_file
+from compressor.checkpoints.sharded import DTYPES, INDEX_NAME, MANIFEST_NAME, read_manifest, sha256_file
 from compressor.errors import CheckpointError
 from compressor.execution.base import Executor, InProcessExecutor
+from compressor.models.lazy import read_weight_map
 from compressor.sparsity.nm import NM
+from compressor.utils.fs import read_json
 from compressor.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -29,7 +34,7 @@ def checkpoint_sparsity(folder: Path, manifest: Optional[dict]) -> Optional[NM]:
         return NM.parse(manifest["sparsity"])
     config = folder / "config.json"
     if config.is_file():
-        sparsity = (json.loads(config.read_text()).get("quantization_config") or {}).get("sparsity_config") or {}
+        sparsity = (read_json(config, CheckpointError).get("quantization_config") or {}).get("sparsity_config") or {}
         if sparsity.get("sparsity_structure") not in (None, "unstructured", "0:0"):
             return NM.parse(sparsity["sparsity_structure"])
     return None
@@ -38,15 +43,19 @@ def checkpoint_sparsity(folder: Path, manifest: Optional[dict]) -> Optional[NM]:
 class CheckpointReader:
     """Dense tensors by name from a sharded checkpoint folder, decompressing N:M layers on the fly.
 
-    Picklable (open file handles are not carried), so it can be the source of an export job.
+    ``verification`` says how what it returns was checked: "sha256" (our manifest), "full" (no
+    valid manifest: every tensor checked as it is read, see the module docstring) or "none"
+    (``verify=False``). Picklable (open file handles are not carried), so it can be the source of
+    an export job.
     """
 
     def __init__(self, folder: str | Path, verify: bool = True) -> None:
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder) if verify else _try_manifest(self.folder)
+        self.manifest = _try_manifest(self.folder)
+        self.verification = ("sha256" if self.manifest else "full") if verify else "none"
         index = self.folder / INDEX_NAME
         if index.is_file():
-            self.stored = json.loads(index.read_text())["weight_map"]  # stored key -> file
+            self.stored = read_weight_map(index)  # stored key -> file
         elif (self.folder / "model.safetensors").is_file():
             self.stored = {k: "model.safetensors" for k in _keys(self.folder / "model.safetensors")}
         else:
@@ -65,8 +74,12 @@ class CheckpointReader:
         parts = {f"{p}.{s}" for p in prefixes for s in SUFFIXES}
         self.names = sorted(self.compressed | {k for k in self.stored if k not in parts})
         self._handles: dict[str, Any] = {}
-        if verify:
+        self._expected: Optional[dict[str, tuple[int, ...]]] = None
+        if self.verification == "sha256":
             self._check_manifest_files()
+        elif self.verification == "full":
+            self._expected = _expected_shapes(self.folder)
+            self._check_names()
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handles": {}}
@@ -81,8 +94,33 @@ class CheckpointReader:
     def tensors_in(self, file: str) -> list[str]:
         return sorted(k for k, f in self.stored.items() if f == file)
 
+    def _check_names(self) -> None:
+        """Full verification, part one: the tensors the config's model has, no more, no fewer."""
+        unexpected = sorted(set(self.names) - set(self._expected))
+        if unexpected:
+            raise CheckpointError(f"{self.folder}: tensors the model of its config.json does not have: {unexpected[:3]}"
+                                  " (a damaged index or another model's files)")
+        tied = {"lm_head.weight"} if _tied(self.folder) else set()
+        missing = sorted(set(self._expected) - set(self.names) - tied)
+        if missing:
+            raise CheckpointError(f"{self.folder}: {len(missing)} tensor(s) of the model are missing, e.g. {missing[:3]}")
+
+    def _check_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Full verification, part two, as each tensor is read: its shape and finite values."""
+        if self._expected is None:
+            return tensor
+        where = f"{self.folder / self.stored.get(name, self.stored.get(compressed_keys(name)['bitmask'], '?'))}: {name}"
+        if tuple(tensor.shape) != self._expected[name]:
+            raise CheckpointError(f"{where} has shape {tuple(tensor.shape)}, the config's model {self._expected[name]}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{where} holds NaN or infinite values: the file is corrupt (this folder has no "
+                                  "manifest to check it against); re-export it from its source")
+        return tensor
+
     def verify_shard(self, file: str) -> None:
         """Size and SHA-256 of one shard against the manifest."""
+        if self.verification != "sha256":
+            return  # "full" checks each tensor as it is read
         entry = next((s for s in self.manifest["shards"] if s["file"] == file), None) if self.manifest else None
         if entry is None:
             raise CheckpointError(f"{self.folder}: shard {file} is not in the manifest")
@@ -98,8 +136,13 @@ class CheckpointReader:
             raise CheckpointError(f"{what} fails its SHA-256 checksum: the file is corrupt; re-run the export")
 
     def verify(self) -> None:
-        for shard in self.manifest["shards"]:
-            self.verify_shard(shard["file"])
+        """Check the whole folder now: every shard against the manifest, or every tensor in full."""
+        if self.verification == "sha256":
+            for shard in self.manifest["shards"]:
+                self.verify_shard(shard["file"])
+        elif self.verification == "full":
+            for name in self.names:
+                self.get(name)
 
     # --- reading ------------------------------------------------------------------------------
     def _handle(self, file: str) -> Any:
@@ -142,10 +185,10 @@ class CheckpointReader:
             keys = compressed_keys(name)
             parts = {suffix: self._raw(key) for suffix, key in keys.items()}
             where = f"{self.folder / self.stored[keys['bitmask']]}: tensor {keys['bitmask']}"
-            return decompress_nm(parts, self.nm, where)
+            return self._check_tensor(name, decompress_nm(parts, self.nm, where))
         if name not in self.stored:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {self.folder}")
-        return self._raw(name)
+        return self._check_tensor(name, self._raw(name))
 
 
 _SAFETENSORS_DTYPES = {
@@ -155,10 +198,25 @@ _SAFETENSORS_DTYPES = {
 
 
 def _try_manifest(folder: Path) -> Optional[dict]:
+    """Our manifest, or None where there is none or it does not parse (the folder is then verified in full)."""
     try:
         return read_manifest(folder)
-    except CheckpointError:
+    except CheckpointError as exc:
+        if (folder / MANIFEST_NAME).is_file():
+            log.warning("%s; every tensor is verified instead", exc)
         return None
+
+
+def _tied(folder: Path) -> bool:
+    config = read_json(folder / "config.json", CheckpointError)
+    return bool(config.get("tie_word_embeddings", False))
+
+
+def _expected_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the model that the folder's config.json describes."""
+    from compressor.models.loading import meta_model
+
+    return {k: tuple(v.shape) for k, v in meta_model(folder).state_dict().items()}
 
 
 def _keys(path: Path) -> list[str]:
@@ -210,22 +268,19 @@ def load_compressed_model(
     ``dtype`` defaults to the checkpoint's. On CUDA (capability >= 8.0) with ``semi_structured`` the 2:4
     linears get semi-structured sparse weights; elsewhere they stay dense, with a one-line notice.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from compressor.models.arch import get_arch
     from compressor.models.lazy import rebuild_rotary
+    from compressor.models.loading import meta_model
 
     folder = Path(folder)
     state = read_state_dict(folder, verify=verify, executor=executor)
     reader = CheckpointReader(folder, verify=False)
-    config = AutoConfig.from_pretrained(folder)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # our loader decompresses; transformers must not quantize again
-    name = dtype or (reader.manifest or {}).get("dtype") or "float32"
+    stored = (reader.manifest or {}).get("dtype") or read_json(folder / "config.json", CheckpointError).get("dtype")
+    name = dtype or (stored if stored in DTYPES else "float32")
     if name not in DTYPES:
         raise CheckpointError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[name])
+    model = meta_model(folder, DTYPES[name])
+    config = model.config
     state = {k: (v.to(DTYPES[name]) if v.is_floating_point() else v) for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:

@@ -22,13 +22,14 @@ import torch
 from compressor.checkpoints.compressed import compress_nm, compressed_keys, compressed_nbytes
 from compressor.errors import CheckpointError, ConfigError, SparsityPatternError
 from compressor.execution.base import Executor, InProcessExecutor
+from compressor.models.lazy import INDEX_NAME
 from compressor.sparsity.nm import NM, assert_nm
 from compressor.utils.fs import atomic_dir, atomic_path, atomic_write_json
 from compressor.utils.logging import get_logger
+from compressor.utils.run_folder import write_marker
 
 log = get_logger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "manifest.json"
 CHECKPOINT_FORMAT = "compressor.checkpoint.v1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -205,16 +206,20 @@ def write_checkpoint(
     out: str | Path,
     plans: Sequence[ShardPlan],
     config: dict[str, Any],
-    manifest: dict[str, Any],
+    manifest: Optional[dict[str, Any]],
     copy_files: Sequence[Path] = (),
     dtype: Optional[str] = None,
     executor: Optional[Executor] = None,
     overwrite: bool = False,
     progress: Optional[Callable[[ShardResult], None]] = None,
+    mark: Optional[str] = None,
 ) -> list[ShardResult]:
-    """Write the shards in parallel, then index, config and copied files, then the manifest (last)."""
+    """Write the shards in parallel, then index, config and copied files, then the manifest (last; None:
+    no manifest). ``mark``: the command whose output marker (``compressor.utils.run_folder``) it gets."""
     executor = executor or InProcessExecutor()
     with atomic_dir(out, replace=overwrite) as tmp:
+        if mark:
+            write_marker(tmp, mark)
         results = _run_jobs(executor, source, plans, tmp, dtype, progress)
         weight_map: dict[str, str] = {}
         for result in results:
@@ -225,10 +230,11 @@ def write_checkpoint(
         atomic_write_json(tmp / "config.json", config)
         for path in copy_files:
             shutil.copy2(path, tmp / path.name)
-        shards = [{"file": r.file, "sha256": r.sha256, "bytes": r.file_bytes, "tensors": len(r.weight_map)}
-                  for r in results]
-        atomic_write_json(tmp / MANIFEST_NAME, {"format": CHECKPOINT_FORMAT, **manifest, "shards": shards,
-                                                "total_tensor_bytes": total})
+        if manifest is not None:
+            shards = [{"file": r.file, "sha256": r.sha256, "bytes": r.file_bytes, "tensors": len(r.weight_map)}
+                      for r in results]
+            atomic_write_json(tmp / MANIFEST_NAME, {"format": CHECKPOINT_FORMAT, **manifest, "shards": shards,
+                                                    "total_tensor_bytes": total})
     log.info("wrote %d shard(s) to %s", len(results), out)
     return results
 

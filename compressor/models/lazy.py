@@ -6,13 +6,23 @@ This is how a model larger than memory is walked: build it on the meta device, t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from compressor.errors import CheckpointError
+from compressor.utils.fs import read_json
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """Tensor name -> shard file of a transformers ``model.safetensors.index.json``, checked."""
+    weight_map = read_json(index, CheckpointError).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index} has no weight_map of tensor names to shard files; it is damaged")
+    return weight_map
 
 
 class WeightStore:
@@ -20,11 +30,10 @@ class WeightStore:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
+        index = self.folder / INDEX_NAME
         single = self.folder / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._files = {name: self.folder / file for name, file in weight_map.items()}
+            self._files = {name: self.folder / file for name, file in read_weight_map(index).items()}
         elif single.is_file():
             from safetensors import safe_open
 

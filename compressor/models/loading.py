@@ -55,7 +55,21 @@ def _embedded_gguf(alias: str) -> Path:
 
 
 def _looks_local(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or source.endswith(".gguf") or os.sep * 2 in source
+    """A path rather than a hub id (``org/name``): explicit path syntax, a file name, more than one
+    level, or a first component that exists here (``runs/x`` beside a ``runs/`` folder)."""
+    parts = Path(source).expanduser().parts
+    return (source.startswith(("/", "./", "../", "~", ".\\")) or source.endswith((".gguf", ".json", ".safetensors"))
+            or "\\" in source or len(parts) > 2 or (len(parts) > 1 and Path(parts[0]).expanduser().is_dir()))
+
+
+def _missing_path(source: str) -> ModelLoadError:
+    import difflib
+
+    path = Path(source).expanduser()
+    parent = path.parent if path.parent.is_dir() else None
+    near = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=3) if parent else []
+    hint = f"; did you mean {', '.join(str(parent / n) for n in near)}?" if near else ""
+    return ModelLoadError(f"model path {source} does not exist{hint} (a hub name has the form org/name)")
 
 
 def resolve_source(source: str, gguf_file: str | None = None, revision: str | None = None) -> ModelSource:
@@ -81,7 +95,7 @@ def resolve_source(source: str, gguf_file: str | None = None, revision: str | No
             raise ModelLoadError(f"{path} holds several .gguf files {ggufs}; pick one with model.gguf_file")
         raise ModelLoadError(f"{path} is not a model folder: it has no config.json and no .gguf file")
     if _looks_local(source):
-        raise ModelLoadError(f"model path {source} does not exist")
+        raise _missing_path(source)
     return ModelSource("hub", source, revision)
 
 
@@ -152,15 +166,49 @@ class LoadedModel:
     folder: Path  # local HF folder with config, tokenizer and safetensors weights
 
 
+def _is_compressed_export(folder: Path) -> bool:
+    """Whether ``folder`` holds compressed N:M shards (ours), which transformers 5 cannot load itself
+    (reading the index also names a damaged one before transformers trips over it)."""
+    from compressor.models.lazy import INDEX_NAME, read_weight_map
+
+    index = folder / INDEX_NAME
+    return index.is_file() and any(k.endswith(".bitmask") for k in read_weight_map(index))
+
+
+def _load_compressed(folder: Path, src: ModelSource, cfg: ModelConfig, empty: bool) -> "LoadedModel":
+    from compressor.checkpoints.load import load_compressed_model
+
+    if empty:
+        raise ModelLoadError(f"{folder} is a compressed N:M export, which model.lazy cannot read block by block; "
+                             f"convert it first: compressor export {folder} <new folder> --to dense")
+    log.info("%s is a compressed N:M export: loading it with compressor's decompressing loader", folder)
+    model = load_compressed_model(folder, dtype=cfg.dtype)
+    return LoadedModel(model, load_tokenizer(folder, cfg.trust_remote_code), get_arch(model.config), src, folder)
+
+
 def load_hf_config(folder: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    from compressor.utils.fs import read_json
+
+    read_json(folder / "config.json", ModelLoadError)  # a damaged file is named, not a bare JSONDecodeError
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ModelLoadError(f"{folder}: cannot read config.json ({e})") from e
     get_arch(config)  # fail early, naming the architecture, before any weights are read
     return config
+
+
+def meta_model(folder: Path, dtype: torch.dtype = torch.float32) -> Any:
+    """The causal LM an HF folder's config.json describes, on the meta device (no weights read)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_hf_config(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a compressed export: our loader decompresses, nothing quantizes
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):
@@ -182,6 +230,8 @@ def load_model(cfg: ModelConfig | str = ModelConfig(), empty: bool = False) -> L
         cfg = ModelConfig(source=cfg)
     src = resolve_source(cfg.source, cfg.gguf_file, cfg.revision)
     folder = local_folder(src)
+    if _is_compressed_export(folder):
+        return _load_compressed(folder, src, cfg, empty)
     config = load_hf_config(folder, cfg.trust_remote_code)
     arch = get_arch(config)
     dtype = DTYPES[cfg.dtype]

@@ -4,9 +4,7 @@ folders and compressed N:M shards. Both front ends share these arguments and thi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 EXAMPLES = """Examples (from the repo root):
 
@@ -33,17 +31,23 @@ def add_export_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ignore", nargs="*", default=[], help="regexes of decoder linears to keep dense")
     ap.add_argument("--executor", choices=["inprocess", "ray"], default="inprocess", help="where shard jobs run")
     ap.add_argument("--workers", type=int, default=2, help="CPUs of a local Ray cluster (with --executor ray)")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier export or run in the output folder (only once the new one is complete)")
+    ap.add_argument("--trust-unverified", action="store_true",
+                    help="read a source that has no valid manifest without verifying it (the output then gets no "
+                         "manifest); by default such a source is verified in full: shapes, finite values, N:M patterns")
     ap.add_argument("--json", help="also write the summary as JSON to this file")
 
 
 def run_export(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from compressor.checkpoints.convert import ExportOptions, convert_checkpoint, format_summary
+    from compressor.checkpoints.convert import ExportOptions, convert_checkpoint, export_inputs, format_summary
     from compressor.config.base import validate_config
     from compressor.errors import CompressorError
     from compressor.execution.base import ExecutorConfig, make_executor
+    from compressor.utils.fs import atomic_write_json
+    from compressor.utils.run_folder import check_output_file
 
     bar: list[tqdm] = []
 
@@ -53,9 +57,12 @@ def run_export(args: argparse.Namespace) -> int:
         bar[0].update(1)
 
     try:
+        if args.json:
+            check_output_file(args.json, args.overwrite, export_inputs(args.source, args.masks, args.logits))
         options = validate_config(ExportOptions, {
             "format": args.format, "sparsity": args.sparsity, "dtype": args.dtype, "shard_size": args.shard_size,
             "targets": tuple(args.targets), "ignore": tuple(args.ignore), "overwrite": args.overwrite,
+            "trust_unverified": args.trust_unverified,
         }, "command line")
         with make_executor(ExecutorConfig(kind=args.executor, num_cpus=args.workers)) as executor:
             summary = convert_checkpoint(args.source, args.output, options, args.masks, args.logits, executor, progress)
@@ -67,5 +74,5 @@ def run_export(args: argparse.Namespace) -> int:
             bar[0].close()
     print(format_summary(summary))
     if args.json:
-        Path(args.json).write_text(json.dumps(summary.to_dict(), indent=2))
+        atomic_write_json(args.json, summary.to_dict())
     return 0

@@ -6,7 +6,6 @@ It knows nothing of how ranks are arranged (see backends.py) nor of where the lo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional

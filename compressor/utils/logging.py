@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 _PACKAGE = "compressor"
 
@@ -16,16 +17,17 @@ def setup_logging(level: str | int = "INFO") -> None:
     if logger.handlers:
         logger.setLevel(level)
         return
-    try:
+    # Logs go to stderr, so that stdout carries only results (e.g. `compressor eval` JSON). A terminal
+    # gets rich's columns; a pipe or log file one plain line per record (rich would wrap long messages).
+    if sys.stderr.isatty():
         from rich.console import Console
         from rich.logging import RichHandler
 
-        # Logs go to stderr, so that stdout carries only results (e.g. `compressor eval` JSON).
         handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
-    except ImportError:  # pragma: no cover - rich is a dependency
+    else:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False

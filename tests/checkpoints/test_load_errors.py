@@ -66,11 +66,13 @@ def test_wrong_pattern_names_file_and_tensor(copy):
         read_state_dict(copy)
 
 
-def test_missing_manifest_means_unfinished(copy):
+def test_without_a_manifest_every_tensor_is_verified(copy, pruned_state):
     (copy / "manifest.json").unlink()
-    with pytest.raises(CheckpointError, match="no manifest.json: the export did not finish"):
-        read_state_dict(copy)
-    assert len(read_state_dict(copy, verify=False)) == 21  # explicitly unverified reading still works
+    assert CheckpointReader(copy).verification == "full"
+    state = read_state_dict(copy)
+    assert len(state) == 21 and all(torch.equal(state[k], pruned_state[k].masked_fill(pruned_state[k] == 0, 0))
+                                    for k in state)
+    assert CheckpointReader(copy, verify=False).verification == "none"
 
 
 class Exploding:
