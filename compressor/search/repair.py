@@ -42,7 +42,7 @@ def repair(c: Candidate, space: SearchSpace, rng: Optional[np.random.Generator] 
     room = {w: (int((top - k[idx]).sum()), int(k[idx].sum())) for w, idx in classes.items()}
     deficit, rest = divmod(space.budget - space.budget_of(k), g)
     assert rest == 0, "sizes and budget are multiples of their gcd"
-    for w, steps in _class_steps(deficit, room).items():
+    for w, steps in _fewest_class_steps(deficit, room).items():
         _spread(k, pull, classes[w], steps, top)
     assert space.budget_of(k) == space.budget
     return k
@@ -54,6 +54,22 @@ def snap(positions: np.ndarray, space: SearchSpace) -> Candidate:
     x = np.clip(np.asarray(positions, dtype=np.float64), 0, len(space.levels) - 1)
     k = np.rint(x).astype(np.int64)
     return repair(k, space, pull=x - k)
+
+
+def _fewest_class_steps(deficit: int, room: dict[int, tuple[int, int]]) -> dict[int, int]:
+    """``_class_steps``, first with every class capped at |deficit| + the largest unit steps, which keeps the
+    work small on fine level sets: a capped minimum that costs no more than the cap is the minimum overall
+    (anything beyond the cap costs more); otherwise solve over the whole room."""
+    cap = abs(deficit) + max(room)
+    capped = {w: (min(up, cap), min(down, cap)) for w, (up, down) in room.items()}
+    if capped != room:
+        try:
+            steps = _class_steps(deficit, capped)
+            if sum(abs(d) for d in steps.values()) <= cap:
+                return steps
+        except RepairError:
+            pass
+    return _class_steps(deficit, room)
 
 
 def _class_steps(deficit: int, room: dict[int, tuple[int, int]]) -> dict[int, int]:
