@@ -46,7 +46,8 @@ def owl_sparsities(ratios: Sequence[float], block_sizes: Sequence[int], target: 
     return linear_allocation(ratios, block_sizes, target, lam)
 
 
-def owl_levels(block_sparsity: Mapping[str, float], block_of: Mapping[str, str], space: SearchSpace) -> dict[str, SparsityTarget]:
+def owl_levels(block_sparsity: Mapping[str, float], block_of: Mapping[str, str],
+               space: SearchSpace) -> dict[str, SparsityTarget]:
     """Per-layer levels of ``space`` (its names; ``block_of[name]`` is the layer's block) nearest to
     its block's sparsity, at the space's exact average."""
     wanted = [block_sparsity[block_of[n]] for n in space.names]

@@ -34,7 +34,8 @@ def test_mutation_keeps_the_average_exactly():
 
 def test_mutation_says_so_when_no_other_candidate_has_the_average():
     # units 2, 3, 2 on three levels at budget 3 units: 2a + 3b + 2c = 3 has the one solution (0, 1, 0)
-    space = SearchSpace.build({"a": (32, 8), "b": (48, 8), "c": (32, 8)}, LevelSet.nm(8, [6, 4, 2]), 0.25 + 0.25 * 3 / 7)
+    shapes = {"a": (32, 8), "b": (48, 8), "c": (32, 8)}
+    space = SearchSpace.build(shapes, LevelSet.nm(8, [6, 4, 2]), 0.25 + 0.25 * 3 / 7)
     only = np.array([0, 1, 0])
     assert space.is_exact(only)
     with pytest.raises(ValueError, match="no level switch keeps the average"):

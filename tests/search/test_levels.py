@@ -17,7 +17,8 @@ def test_level_sets():
     assert LevelSet.nm(8).levels == tuple(NM(n, 8) for n in range(7, 0, -1))
     assert LevelSet.nm(4).describe() == "{3:4, 2:4, 1:4}"
     fractions = LevelSet.unstructured(0.3, 0.9, 0.05)
-    assert len(fractions) == 13 and fractions.levels[1] == Unstructured(0.35) and fractions.levels[-1] == Unstructured(0.9)
+    assert len(fractions) == 13 and fractions.levels[1] == Unstructured(0.35)
+    assert fractions.levels[-1] == Unstructured(0.9)
     assert fractions.step == Fraction(1, 20) and fractions.group == 1
     assert LevelSet.parse(["2:4", "1:4", "3:4"]) == LevelSet.nm(4)
     for bad in [["2:4", "4:8"], ["2:4", 0.5], [0.3, 0.4, 0.6], ["2:4", "2:4"]]:
