@@ -13,7 +13,8 @@ q_proj one level sparser pays for three k/v level steps back. We draw the pair o
 make the exchange their classes need, so most moves are plain swaps within a class (those classes hold
 most layers) and sparsity still flows between attention and MLP.
 
-Crossover takes each layer's level from one parent or the other and repairs (``repair.repair``).
+Crossover takes each layer's level from one parent or the other and repairs (``repair.repair``); ``breed``
+makes a generation's children from a population (one parent without crossover is EvoPress).
 Seeding maps Fisher sensitivities linearly to sparsities (``linear_allocation``: the most sensitive layer
 lowest), snaps them to the level set at the exact average, and adds mutated copies.
 Selection runs in stages on growing token budgets, as EvoPress's multi-step selection.
@@ -34,7 +35,7 @@ from compressor.search.repair import repair, snap
 def level_switch(c: Candidate, space: SearchSpace, rng: np.random.Generator) -> Optional[Candidate]:
     """One exact exchange: a random layer gets sparser, another less sparse, and their size classes pay
     each other back in whole level steps. None if the classes lack the room (the caller draws again)."""
-    top = len(space.levels) - 1
+    c, top = np.asarray(c, dtype=np.int64), len(space.levels) - 1
     can_up, can_down = np.flatnonzero(c < top), np.flatnonzero(c > 0)
     if not len(can_up) or not len(can_down):
         return None
@@ -67,6 +68,7 @@ def mutate(c: Candidate, space: SearchSpace, rng: np.random.Generator, max_switc
     """A different candidate, 1 .. ``max_switches`` level switches away (fewer more likely: the minimum of
     two uniform draws, as in EvoPress). Raises if no switch is possible at all."""
     switches = min(rng.integers(1, max_switches + 1), rng.integers(1, max_switches + 1))
+    c = np.asarray(c, dtype=np.int64)
     out, done = c, 0
     for _ in range(100 * max_switches):
         moved = level_switch(out, space, rng)
@@ -83,11 +85,19 @@ def crossover(a: Candidate, b: Candidate, space: SearchSpace, rng: np.random.Gen
     return repair(child, space, rng)
 
 
-def offspring(parent: Candidate, space: SearchSpace, rng: np.random.Generator, count: int,
-              max_switches: int = 3, max_tries: int = 1000) -> list[Candidate]:
-    """``count`` distinct mutants of ``parent``, none equal to it (fewer only if the space is that small)."""
-    seen, out = {parent.tobytes()}, []
+def breed(population: Sequence[Candidate], space: SearchSpace, rng: np.random.Generator, count: int,
+          crossover_rate: float = 0.0, max_switches: int = 3, max_tries: int = 1000) -> list[Candidate]:
+    """``count`` distinct children, none equal to a member of ``population``: each a mutant of a random
+    member, or with probability ``crossover_rate`` (and two or more members) of the crossover of two.
+    One parent and no crossover is EvoPress's (1 + lambda) step. Fewer only if the space is that small."""
+    population = [np.asarray(p, dtype=np.int64) for p in population]
+    seen, out = {p.tobytes() for p in population}, []
     for _ in range(max_tries):
+        if len(population) > 1 and rng.random() < crossover_rate:
+            i, j = rng.choice(len(population), size=2, replace=False)
+            parent = crossover(population[i], population[j], space, rng)
+        else:
+            parent = population[int(rng.integers(len(population)))]
         child = mutate(parent, space, rng, max_switches)
         if child.tobytes() not in seen:
             seen.add(child.tobytes())
@@ -109,7 +119,7 @@ def sensitivity_seed(space: SearchSpace, sensitivity: Sequence[float], spread: f
 def seed_population(space: SearchSpace, seed: Candidate, size: int, rng: np.random.Generator,
                     max_switches: int = 3) -> list[Candidate]:
     """``seed`` plus ``size - 1`` distinct mutated copies of it (the perturbed copies of MSP's start)."""
-    return [seed.copy()] + offspring(seed, space, rng, size - 1, max_switches)
+    return [seed.copy()] + breed([seed], space, rng, size - 1, max_switches=max_switches)
 
 
 @dataclass(frozen=True)
@@ -120,18 +130,22 @@ class SelectionStage:
 
 @dataclass(frozen=True)
 class SelectionResult:
-    best: Candidate
-    fitness: float  # the best candidate's fitness at the last stage
+    survivors: list[Candidate]  # the last stage's, best first
+    fitness: list[float]  # their fitness at the last stage
     evaluations: int  # candidate scorings made, over all stages
     tokens: int  # candidate-tokens scored, over all stages
+
+    @property
+    def best(self) -> Candidate:
+        return self.survivors[0]
 
 
 Scorer = Callable[[list[Candidate], int, SelectionStage], list[float]]  # (candidates, stage index, stage)
 
 
 def check_stages(stages: Sequence[SelectionStage]) -> None:
-    if not stages or stages[-1].survivors != 1:
-        raise ValueError("selection needs stages, the last keeping 1 survivor")
+    if not stages or min(s.survivors for s in stages) < 1:
+        raise ValueError("selection needs stages, each keeping at least 1 survivor")
     for a, b in zip(stages, stages[1:]):
         if not (b.survivors < a.survivors and b.tokens >= a.tokens):
             raise ValueError(f"stages must keep fewer candidates on as many tokens or more: {a} then {b}")
@@ -146,21 +160,22 @@ def keep_best(candidates: list[Candidate], fitness: Sequence[float], keep: int) 
     return [candidates[i] for i in order], [float(f[i]) for i in order]
 
 
-def multi_step_selection(children: list[Candidate], parent: Optional[Candidate], stages: Sequence[SelectionStage],
+def multi_step_selection(children: list[Candidate], elites: Sequence[Candidate], stages: Sequence[SelectionStage],
                          score: Scorer) -> SelectionResult:
     """Score ``children`` on the first stage's tokens, keep the best, score the survivors on more tokens,
-    and so on; ``parent`` joins at the last stage (elitism: a generation never gets worse on the same
-    tokens). ``score`` is the only impure part (it runs the model, e.g. as Ray tasks)."""
+    and so on; ``elites`` (the current parent, or population) join at the last stage, so a generation never
+    gets worse on the same tokens. The last stage's survivors are the next parents (1 for EvoPress).
+    ``score`` is the only impure part (it runs the model, e.g. as Ray tasks)."""
     check_stages(stages)
     pool, evaluations, tokens = list(children), 0, 0
     fitness: list[float] = []
     for index, stage in enumerate(stages):
-        if index == len(stages) - 1 and parent is not None and not any(np.array_equal(parent, p) for p in pool):
-            pool.append(parent)
+        if index == len(stages) - 1:
+            pool += [e for e in elites if not any(np.array_equal(e, p) for p in pool)]
         fitness = list(score(pool, index, stage))
         evaluations, tokens = evaluations + len(pool), tokens + len(pool) * stage.tokens
         pool, fitness = keep_best(pool, fitness, stage.survivors)
-    return SelectionResult(pool[0], fitness[0], evaluations, tokens)
+    return SelectionResult(pool, fitness, evaluations, tokens)
 
 
 def stage_windows(rng: np.random.Generator, num_windows: int, window_length: int, tokens: int) -> list[tuple[int, int]]:

@@ -9,7 +9,7 @@ from compressor.search.evolution import (
     level_switch,
     multi_step_selection,
     mutate,
-    offspring,
+    breed,
     seed_population,
     sensitivity_seed,
     stage_windows,
@@ -90,12 +90,17 @@ def test_crossover_repairs_to_the_exact_average():
         assert space.is_exact(child)
 
 
-def test_offspring_are_distinct_exact_and_differ_from_the_parent():
+def test_children_are_distinct_exact_and_differ_from_the_parents():
     rng = np.random.default_rng(5)
-    space, k = random_space(rng, layers=(20, 30))
-    children = offspring(k, space, rng, 16)
-    assert len(children) == 16 and len({c.tobytes() for c in children}) == 16
-    assert all(space.is_exact(c) and not np.array_equal(c, k) for c in children)
+    for _ in range(20):
+        space, k = random_space(rng, layers=(20, 30))
+        children = breed([k], space, rng, 16)
+        assert len(children) == 16 and len({c.tobytes() for c in children}) == 16
+        assert all(space.is_exact(c) and not np.array_equal(c, k) for c in children)
+        population = children[:4]
+        crossed = breed(population, space, rng, 12, crossover_rate=0.8)
+        assert all(space.is_exact(c) for c in crossed)
+        assert not {c.tobytes() for c in crossed} & {p.tobytes() for p in population}
 
 
 def test_sensitivity_seed_gives_sensitive_layers_lower_sparsity_at_the_exact_average():
@@ -140,19 +145,23 @@ def test_multi_step_selection_stages_tokens_and_elitism():
         # the true fitness is |c - 6|; the first stage's few tokens see it with a bias towards small c
         return [abs(int(c[0]) - 6) + (0.1 * int(c[0]) if index == 0 else 0.0) for c in pool]
 
-    result = multi_step_selection(children, parent, stages, score)
+    result = multi_step_selection(children, [parent], stages, score)
     assert [c[:2] for c in calls] == [(0, 512), (1, 2048), (2, 8192)]
     assert len(calls[0][2]) == 10 and len(calls[1][2]) == 4 and 99 in calls[2][2]  # parent joins last
-    assert int(result.best[0]) == 6 and result.fitness == 0.0
+    assert int(result.best[0]) == 6 and result.fitness == [0.0]
     assert result.evaluations == 10 + 4 + 3 and result.tokens == 10 * 512 + 4 * 2048 + 3 * 8192
-    # the parent wins if no child beats it
-    best = multi_step_selection(children, np.array([6]), stages, lambda p, i, s: [abs(int(c[0]) - 6.5) for c in p])
-    assert int(best.best[0]) in (6, 7)
+    # a parent that no child beats stays; a population-sized last stage keeps the best few
+    elite = multi_step_selection(children[:5], [np.array([6])], stages, lambda p, i, s: [abs(int(c[0]) - 6) for c in p])
+    assert int(elite.best[0]) == 6
+    stages = [SelectionStage(6, 512), SelectionStage(3, 1024)]
+    kept = multi_step_selection(children, [np.array([5]), np.array([20])], stages,
+                                lambda p, i, s: [abs(int(c[0]) - 6) for c in p])
+    assert sorted(int(c[0]) for c in kept.survivors) == [5, 6, 7]  # the elite 5 duplicates a child once
 
 
 def test_stage_checks():
     check_stages([SelectionStage(8, 256), SelectionStage(1, 1024)])
-    for bad in [[], [SelectionStage(2, 10)], [SelectionStage(4, 100), SelectionStage(4, 200), SelectionStage(1, 300)],
+    for bad in [[], [SelectionStage(0, 10)], [SelectionStage(4, 100), SelectionStage(4, 200), SelectionStage(1, 300)],
                 [SelectionStage(4, 200), SelectionStage(1, 100)]]:
         with pytest.raises(ValueError):
             check_stages(bad)
