@@ -88,7 +88,7 @@ class LevelSet:
         return "{" + ", ".join(str(lv) for lv in self.levels) + "}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: comparing the sizes arrays field by field would raise
 class SearchSpace:
     """Layers (names, parameter counts) x a level set, with the budget that pins the average at the target."""
 

@@ -41,7 +41,7 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from compressor.config.base import SparsityField, StrictModel, validate_config, yaml_load
 from compressor.errors import ConfigError
-from compressor.sparsity.nm import NM, SparsityTarget, Unstructured
+from compressor.sparsity.nm import NM, SparsityTarget
 from compressor.utils.fs import atomic_write_text
 
 Shapes = Mapping[str, tuple[int, int]]  # linear name -> (out_features, in_features)

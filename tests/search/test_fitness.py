@@ -73,4 +73,4 @@ def test_totals_over_windows_shift_by_one_and_merge():
     with pytest.raises(ValueError, match="cannot merge"):
         ppl.merge(kl_a)
     with pytest.raises(ValueError, match="no tokens"):
-        FitnessTotal("kl").value
+        _ = FitnessTotal("kl").value
