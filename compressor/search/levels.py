@@ -12,6 +12,8 @@ equals one fixed integer, and every operator in ``evolution.py`` keeps that sum 
 arithmetic. Since every budget is a multiple of g = gcd(p_l), the space's target budget is the multiple of
 g nearest to the ideal one; if even that misses the target by more than one group of M weights (the
 tolerance of ``compressor.sparsity.plan``), the target is unreachable and building the space says so.
+Whether some candidate attains that budget within the level range is found by ``repair`` (it says so
+when none does, which happens only next to the ends of the level set).
 """
 
 from __future__ import annotations

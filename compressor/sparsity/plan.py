@@ -23,8 +23,10 @@ itself (as the decimal written, 0.7 = 7/10) for unstructured levels, in exact ra
 embeddings and the LM head are never part of it. A declared ``target`` T is met when
 |P - T * sum(out * in)| <= G weights, G = "one group of M": the largest M among the N:M levels the
 layers use, or 1 (a single weight) when every level is unstructured. The slack only absorbs that
-T * sum(out * in) need not be a whole number of groups; any real per-layer change moves P by at least
-a whole row of groups, so a plan within tolerance is as exact as the layer sizes allow.
+T * sum(out * in) need not be a whole number of groups (or weights); moving one N:M layer by one N
+already moves P by out * in / M weights, so a plan within tolerance is as exact as its layers allow.
+(Unstructured masks are cut per row at floor(in * s) weights, so their realised count can fall short
+of the nominal one by less than one weight per row; the plan's average is the nominal one.)
 """
 
 from __future__ import annotations
