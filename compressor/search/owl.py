@@ -25,8 +25,9 @@ from compressor.search.repair import snap
 from compressor.sparsity.nm import SparsityTarget
 
 OWL_GRID = LevelSet.unstructured(0.001, 0.999, 0.001)  # the unstructured "level set" OWL snaps onto
-OWL_MS = (3.0, 5.0, 7.0, 10.0)  # the outlier thresholds of a small grid (OWL's paper uses M = 5..10)
-OWL_LAMBDAS = (0.02, 0.05, 0.08, 0.12)  # and the spreads
+# A small grid around EvoPress's OWL defaults (M = 5, lambda = 0.08): outlier thresholds and spreads.
+OWL_MS = (3.0, 5.0, 7.0, 10.0)
+OWL_LAMBDAS = (0.02, 0.05, 0.08, 0.12)
 
 
 def block_wanda_scores(weights: Sequence[torch.Tensor], norms_sq: Sequence[torch.Tensor]) -> list[torch.Tensor]:
