@@ -12,6 +12,14 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name if name.startswith(_PACKAGE) else f"{_PACKAGE}.{name}")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Plain lines to whatever ``sys.stderr`` is when a record is written (callers may swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging(level: str | int = "INFO") -> None:
     logger = logging.getLogger(_PACKAGE)
     if logger.handlers:
@@ -26,7 +34,7 @@ def setup_logging(level: str | int = "INFO") -> None:
         handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
     else:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(level)

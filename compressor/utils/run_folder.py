@@ -77,8 +77,8 @@ def read_marker(folder: Path) -> Optional[dict]:
 
 
 def write_marker(folder: Path, command: str, replaces: tuple[str, ...] = ()) -> dict:
-    marker = {"format": MARKER_FORMAT, "command": command, "id": uuid.uuid4().hex,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "replaces": list(replaces)}
+    # nothing time- or host-dependent: an export stays byte-for-byte reproducible
+    marker = {"format": MARKER_FORMAT, "command": command, "replaces": list(replaces)}
     atomic_write_text(folder / MARKER, json.dumps(marker, indent=2) + "\n")
     return marker
 
