@@ -23,6 +23,7 @@ from compressor.checkpoints.compressed import compress_nm, compressed_keys, comp
 from compressor.errors import CheckpointError, ConfigError, SparsityPatternError
 from compressor.execution.base import Executor, InProcessExecutor
 from compressor.models.lazy import INDEX_NAME
+from compressor.precision import DTYPES
 from compressor.sparsity.nm import NM, assert_nm
 from compressor.utils.fs import atomic_dir, atomic_path, atomic_write_json
 from compressor.utils.logging import get_logger
@@ -32,7 +33,6 @@ log = get_logger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 CHECKPOINT_FORMAT = "compressor.checkpoint.v1"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 

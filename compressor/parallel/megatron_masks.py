@@ -37,7 +37,8 @@ from torch.nn.utils import parametrize
 from compressor.errors import ConfigError, SparsityPatternError
 from compressor.methods.maskllm.attach import layer_seed
 from compressor.methods.maskllm.config import MaskLLMConfig
-from compressor.methods.maskllm.mask import DTYPES, NMMaskParametrization
+from compressor.methods.maskllm.mask import NMMaskParametrization
+from compressor.precision import DTYPES
 from compressor.parallel.megatron_convert import (
     LINEARS, LinearKind, LlamaDims, check_parallel_sizes, hf_layer, join_local, shard_hf, split_local,
 )

@@ -20,8 +20,8 @@ from compressor.methods.registry import (
 from compressor.models.checks import assert_finite_weights
 from compressor.models.config import ModelConfig
 from compressor.models.layers import block_prefix, decoder_blocks
-from compressor.models.loading import DTYPES
 from compressor.pipelines.block_store import BlockStore
+from compressor.precision import DTYPES
 from compressor.pipelines.sequential import OneShotPlan, prune_sequential
 from compressor.reporting.markdown import prune_report_markdown
 from compressor.reporting.plots import plot_layer_errors

@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compressor.methods.maskllm.config import MaskLLMConfig
-from compressor.methods.maskllm.mask import DTYPES, NMMaskParametrization
+from compressor.methods.maskllm.mask import NMMaskParametrization
+from compressor.precision import DTYPES
 from compressor.utils.threads import thread_map
 
 Masks = dict[str, NMMaskParametrization]

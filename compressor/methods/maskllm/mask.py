@@ -32,9 +32,6 @@ from compressor.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 class NMMaskParametrization(nn.Module):
     """Logits (out, in / M, C(M, N)) over each group's keep-patterns; forward(W) = W * mask."""
 
