@@ -103,7 +103,7 @@ def parse_results(out: Mapping[str, Any], specs: Sequence[TaskSpec], limit: Opti
         notes = [f"quick variant: first {limit} documents of each task" if limit else None,
                  data_note(out.get("configs", {}), leaves, spec.offline)]
         parsed[spec.name] = TaskResult(
-            spec.name, spec.family, metrics_of(results[spec.result]),
+            spec.name, spec.family, metrics_of(results[spec.result], out.get("higher_is_better", {}).get(spec.result, {})),
             samples=sum(counts) if None not in counts else None,
             num_fewshot=shots.pop() if len(shots) == 1 else None,
             note="; ".join(n for n in notes if n) or None,
@@ -118,7 +118,7 @@ def leaf_tasks(name: str, subtasks: Mapping[str, Sequence[str]]) -> list[str]:
     return [leaf for child in subtasks[name] for leaf in leaf_tasks(child, subtasks)]
 
 
-def metrics_of(row: Mapping[str, Any]) -> dict[str, Metric]:
+def metrics_of(row: Mapping[str, Any], higher_is_better: Mapping[str, bool] = {}) -> dict[str, Metric]:
     """``{"acc,none": .6, "acc_stderr,none": .01, ...}`` -> ``{"acc": Metric(.6, .01)}``; a metric under a
     filter other than ``none`` keeps its name when it is the task's only filter, else gets ``name:filter``."""
     keys = [k for k in row if "," in k and "_stderr," not in k]
@@ -128,7 +128,8 @@ def metrics_of(row: Mapping[str, Any]) -> dict[str, Metric]:
         metric, filt = key.split(",", 1)
         name = metric if len(filters) == 1 else f"{metric}:{filt}"
         stderr = row.get(f"{metric}_stderr,{filt}")
-        metrics[name] = Metric(float(row[key]), float(stderr) if isinstance(stderr, (int, float)) else None)
+        metrics[name] = Metric(float(row[key]), float(stderr) if isinstance(stderr, (int, float)) else None,
+                               higher_is_better.get(metric))
     return metrics
 
 

@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from compressor.errors import ConfigError
 from compressor.models.loading import DTYPES
 from compressor.utils.logging import get_logger
 
@@ -26,6 +27,9 @@ def eval_precision(model: nn.Module, dtype: str) -> Iterator[nn.Module]:
     target, current = DTYPES[dtype], model_dtype(model)
     if target == current:
         yield model
+    elif any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 holds the real weights apart
+        raise ConfigError(f"evaluation.dtype {dtype} differs from the {str(current).removeprefix('torch.')} weights, "
+                          "which DeepSpeed ZeRO-3 partitions and cannot cast; set evaluation.dtype to model.dtype")
     elif target.itemsize > current.itemsize:
         model.to(target)
         try:

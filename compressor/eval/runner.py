@@ -32,7 +32,8 @@ def check_tasks_available(cfg: EvalConfig) -> None:
 def perplexity_result(ppl: Mapping[str, Any]) -> TaskResult:
     """A run's perplexity dict (PerplexityResult.as_dict) as a task result."""
     return TaskResult("perplexity", TASKS["perplexity"].family,
-                      {"perplexity": Metric(ppl["perplexity"], ppl.get("stderr")), "nll": Metric(ppl["nll"], ppl.get("nll_stderr"))},
+                      {"perplexity": Metric(ppl["perplexity"], ppl.get("stderr"), False),
+                       "nll": Metric(ppl["nll"], ppl.get("nll_stderr"), False)},
                       samples=ppl.get("windows"), note=ppl.get("note"),
                       extra={"window_length": ppl.get("window_length"), "tokens": ppl.get("tokens")})
 

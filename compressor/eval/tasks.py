@@ -93,6 +93,7 @@ def resolve_tasks(names: Iterable[str]) -> list[TaskSpec]:
 class Metric:
     value: float
     stderr: Optional[float] = None
+    higher_is_better: Optional[bool] = None
 
 
 @dataclass
