@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model source: run folder, HF folder, .gguf file, hub name or smollm2-135m")
     p.add_argument("--output", help="write the report JSON here")
 
+    p = sub.add_parser("report", help="one Markdown page with charts comparing runs (any command's report.json)")
+    p.add_argument("runs", nargs="+", help="run folders (prune, learn, launch) or `compressor eval --output` JSON files")
+    p.add_argument("--output", default="report", help="folder for report.md and its PNG charts (default: ./report)")
+
     from compressor.runs.export import EXAMPLES, add_export_arguments
 
     p = sub.add_parser("export", help="convert a run / HF folder to compressed N:M shards or dense-with-zeros",
@@ -98,6 +102,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report = run_eval(_load(EvalRunConfig, args), args.output)
             tasks = report["evaluation"]["tasks"]  # perplexity alone prints as it always did
             print(json.dumps(report["perplexity"] if list(tasks) == ["perplexity"] else tasks, indent=2))
+        elif args.command == "report":
+            from compressor.reporting.compare import write_comparison
+
+            print(write_comparison(args.runs, args.output))
         elif args.command == "export":
             from compressor.runs.export import run_export
 

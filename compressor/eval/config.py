@@ -18,6 +18,7 @@ class HarnessConfig(StrictModel):
     limit: Optional[PositiveInt] = None  # a quick variant: the first documents of each task (reported as such)
     batch_size: PositiveInt = 8
     max_gen_toks: Optional[PositiveInt] = None  # cap generated tokens (default: each task's own)
+    max_length: Optional[PositiveInt] = None  # context window in tokens, longer prompts lose their start (default: the model's)
     bootstrap_iters: int = Field(100000, ge=0)  # the harness's default; stderr of non-mean metrics (LAMBADA ppl)
 
 

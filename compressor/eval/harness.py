@@ -76,7 +76,7 @@ def run_harness(model, tokenizer, specs: Sequence[TaskSpec], cfg: HarnessConfig)
 
     offline = all(s.offline for s in specs)
     with offline_hub() if offline else _nothing():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=[s.harness for s in specs], task_manager=task_manager(specs), limit=cfg.limit,
             bootstrap_iters=cfg.bootstrap_iters, log_samples=False,

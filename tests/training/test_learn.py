@@ -11,6 +11,7 @@ from compressor.checkpoints.masks import load_masks
 from compressor.config.base import validate_config
 from compressor.errors import ConfigError, NonFiniteError
 from compressor.models import load_model
+from compressor.reporting.tensorboard import read_scalars
 from compressor.runs.learn import launch_learn, run_learn
 from compressor.sparsity import NM, is_nm
 from compressor.training.config import LearnConfig
@@ -52,6 +53,11 @@ def test_learn_writes_masks_logits_model_and_report(tmp_path, tiny_llama_dir, te
     for png in report["outputs"]["plots"]:
         assert (out / png).stat().st_size > 1000
     assert json.loads((out / "report.json").read_text())["perplexity"]["windows"] == 4
+    assert report["evaluation"]["tasks"]["perplexity"]["samples"] == 4 and (out / "report.md").is_file()
+    # the curves also land in TensorBoard event files
+    scalars = read_scalars(out / report["outputs"]["tensorboard"])
+    assert scalars["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in report["history"]["logs"]]
+    assert [s for s, _ in scalars["eval/perplexity"]] == [0, 3, 6] and "train/flip_rate" in scalars
 
 
 def test_learning_lowers_the_loss_and_moves_masks(tmp_path, tiny_llama_dir, text_file):
