@@ -111,6 +111,19 @@ def timing_rows(runs: list[Run]) -> dict[str, dict[str, tuple[float, None]]]:
             for run in runs}
 
 
+def dense_series(runs: list[Run]) -> dict[str, dict[str, Any]]:
+    """The dense baselines the runs evaluated (``evaluation.dense_baseline``), one per base model."""
+    series: dict[str, dict[str, Any]] = {}
+    seen = set()
+    for run in runs:
+        dense = run.report.get("dense_evaluation")
+        source = (run.report.get("model") or {}).get("source") if isinstance(run.report.get("model"), Mapping) else None
+        if dense and source not in seen:
+            seen.add(source)
+            series[f"dense (from {run.label})"] = dense["tasks"]
+    return series
+
+
 def figure(chart: Optional[Path], title: str) -> list[str]:
     return ["", f"![{title}]({chart.name})"] if chart is not None else []
 
@@ -131,6 +144,7 @@ def write_comparison(sources: list[str | Path], output: str | Path) -> Path:
         parts += ["", "## Perplexity"] + figure(plot_grouped_bars(
             ppl, out / "perplexity.png", "Perplexity (± standard error)", "perplexity", logy=True), "perplexity")
     series = {run.label: tasks_of(run.report) for run in runs}
+    series.update(dense_series(runs))
     if any(series.values()):
         parts += ["", "## Evaluation tasks", "", "Value ± standard error (↑ higher is better, ↓ lower).", "",
                   tasks_table(series)]
@@ -139,7 +153,8 @@ def write_comparison(sources: list[str | Path], output: str | Path) -> Path:
     layered = {run.label: run.report["layers"] for run in runs if run.report.get("layers")}
     errors = {label: block_series(layers, mean_error) for label, layers in layered.items()}
     if any(errors.values()):
-        by_type = {run.label: run.report.get("summary", {}).get("error_by_type") or {} for run in runs}
+        by_type = {run.label: run.report["summary"]["error_by_type"] for run in runs
+                   if run.report.get("summary", {}).get("error_by_type")}
         types = sorted({t for v in by_type.values() for t in v})
         parts += ["", "## Per-layer error (dense inputs)", "",
                   table(["type", *by_type], [[t, *[v.get(t) for v in by_type.values()]] for t in types])]

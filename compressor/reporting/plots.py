@@ -69,6 +69,7 @@ def plot_grouped_bars(rows: Mapping[str, Mapping[str, tuple[float, Optional[floa
                       ylabel: str, logy: bool = False) -> Optional[Path]:
     """Bars of ``rows[series][key] = (value, stderr or None)``: one group per key, one colour per series
     (a run; dense / final), error bars where a standard error is known; None when there is nothing to draw."""
+    rows = {label: r for label, r in rows.items() if r}
     keys = list(dict.fromkeys(k for r in rows.values() for k in r))
     if not keys:
         return None
@@ -80,7 +81,7 @@ def plot_grouped_bars(rows: Mapping[str, Mapping[str, tuple[float, Optional[floa
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in present]
         ys = [r[keys[j]][0] for j in present]
         errs = [r[keys[j]][1] or 0.0 for j in present]
-        ax.bar(xs, ys, width, yerr=errs, capsize=2, label=label)
+        ax.bar(xs, ys, width, yerr=errs if any(errs) else None, capsize=2, label=label)
     ax.set_xticks(range(len(keys)), keys, rotation=60 if len(keys) > 4 else 0, ha="right" if len(keys) > 4 else "center",
                   fontsize=7)
     if logy:

