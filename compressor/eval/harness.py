@@ -103,13 +103,22 @@ def parse_results(out: Mapping[str, Any], specs: Sequence[TaskSpec], limit: Opti
         notes = [f"quick variant: first {limit} documents of each task" if limit else None,
                  data_note(out.get("configs", {}), leaves, spec.offline)]
         parsed[spec.name] = TaskResult(
-            spec.name, spec.family, metrics_of(results[spec.result], out.get("higher_is_better", {}).get(spec.result, {})),
+            spec.name, spec.family, metrics_of(results[spec.result], higher_is_better(out, spec.result, leaves)),
             samples=sum(counts) if None not in counts else None,
             num_fewshot=shots.pop() if len(shots) == 1 else None,
             note="; ".join(n for n in notes if n) or None,
             extra={"harness_task": spec.result, "subtasks": len(leaves)} if len(leaves) > 1 else {"harness_task": spec.result},
         )
     return parsed
+
+
+def higher_is_better(out: Mapping[str, Any], name: str, leaves: Sequence[str]) -> dict[str, bool]:
+    """The task's own direction of each metric; a group has none of its own and takes its subtasks'."""
+    table = out.get("higher_is_better", {})
+    merged: dict[str, bool] = {}
+    for key in (*leaves, name):
+        merged.update(table.get(key, {}))
+    return merged
 
 
 def leaf_tasks(name: str, subtasks: Mapping[str, Sequence[str]]) -> list[str]:

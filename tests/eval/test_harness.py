@@ -96,14 +96,14 @@ def test_results_are_parsed_with_their_standard_errors():
         "group_subtasks": {"offline_mmlu": ["mmlu"], "mmlu": ["mmlu_stem"], "mmlu_stem": ["mmlu_a", "mmlu_b"]},
         "n-samples": {"mmlu_a": {"effective": 3}, "mmlu_b": {"effective": 4}, "triviaqa": {"effective": 5}},
         "n-shot": {"mmlu_a": 5, "mmlu_b": 5, "triviaqa": 0},
-        "higher_is_better": {"mmlu": {"acc": True}, "triviaqa": {"exact_match": True}},
+        "higher_is_better": {"mmlu_a": {"acc": True}, "triviaqa": {"exact_match": True}},
         "configs": {"mmlu_a": {"test_split": "test"}, "mmlu_b": {"test_split": "test"},
                     "triviaqa": {"validation_split": "validation"}},
     }
     parsed = harness.parse_results(out, resolve_tasks(["mmlu", "triviaqa"]))
     mmlu, trivia = parsed["mmlu"], parsed["triviaqa"]
     assert (mmlu.metrics["acc"].value, mmlu.metrics["acc"].stderr, mmlu.samples, mmlu.num_fewshot) == (0.3, 0.01, 7, 5)
-    assert mmlu.note == "test split" and mmlu.extra["subtasks"] == 2
+    assert mmlu.note == "test split" and mmlu.extra["subtasks"] == 2 and mmlu.metrics["acc"].higher_is_better
     assert trivia.metrics["exact_match"].stderr is None and trivia.metrics["exact_match"].higher_is_better
     with pytest.raises(EvaluationError, match="no results for 'nq_open'"):
         harness.parse_results(out, resolve_tasks(["nq_open"]))
