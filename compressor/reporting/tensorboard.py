@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from collections import defaultdict
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping
 
 TENSORBOARD_DIR = "tensorboard"
 
