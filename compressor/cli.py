@@ -46,11 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("launch", help="learn masks with megatron-core TP x PP x DP ranks scheduled by Ray")
     add_launch_arguments(p, config_flag=True)
 
-    p = sub.add_parser("eval", help="perplexity of a model or a run folder")
+    p = sub.add_parser("eval", help="evaluation tasks (perplexity, zero-shot, knowledge) of a model or a run folder")
     _config_args(p, required=False)
     p.add_argument("--model", help="model source: run folder, HF folder, .gguf file, hub name or smollm2-135m")
     p.add_argument("--output", help="write the report JSON here (a new file)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+
+    p = sub.add_parser("report", help="one Markdown page with charts comparing runs (any command's report.json)")
+    p.add_argument("runs", nargs="+", help="run folders (prune, learn, launch) or `compressor eval --output` JSON files")
+    p.add_argument("--output", default="report", help="folder for report.md and its PNG charts (default: ./report)")
 
     from compressor.runs.export import EXAMPLES, add_export_arguments
 
@@ -98,7 +102,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.model:
                 args.overrides.append(f"model.source={args.model}")
             report = run_eval(_load(EvalRunConfig, args), args.output, args.overwrite)
-            print(json.dumps(report["perplexity"], indent=2))
+            tasks = report["evaluation"]["tasks"]  # perplexity alone prints as it always did
+            print(json.dumps(report["perplexity"] if list(tasks) == ["perplexity"] else tasks, indent=2))
+        elif args.command == "report":
+            from compressor.reporting.compare import write_comparison
+
+            print(write_comparison(args.runs, args.output))
         elif args.command == "export":
             from compressor.runs.export import run_export
 

@@ -39,3 +39,7 @@ class OutputWriteError(CompressorError):
 
 class NonFiniteError(CompressorError):
     """NaN or inf where finite numbers are required (weights, statistics, loss)."""
+
+
+class EvaluationError(CompressorError):
+    """An evaluation task cannot run: its package or data is missing, or it returned no results."""

@@ -26,9 +26,15 @@ class PerplexityResult:
     window_length: int
     tokens: int  # predicted tokens
     note: Optional[str] = None  # e.g. "quick variant: first 64 windows"
+    nll_stderr: Optional[float] = None  # standard error of the mean NLL, from the spread over windows
+
+    @property
+    def stderr(self) -> Optional[float]:
+        """Standard error of the perplexity (delta method: d exp(x) = exp(x) dx)."""
+        return None if self.nll_stderr is None else self.perplexity * self.nll_stderr
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "stderr": self.stderr}
 
 
 @torch.no_grad()
@@ -41,6 +47,7 @@ def perplexity(
     base, head = model.get_decoder(), model.get_output_embeddings()
     device = next(model.parameters()).device
     total_nll = torch.zeros((), dtype=torch.float64)
+    window_nll: list[float] = []  # mean NLL of each window (all windows have the same length)
     count = 0
     bar = tqdm(total=windows.shape[0], desc=desc, unit="window")
     for start in range(0, windows.shape[0], batch_size):
@@ -48,7 +55,9 @@ def perplexity(
         hidden = base(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
         for b in range(ids.shape[0]):
             logits = head(hidden[b, :-1]).float()  # (T-1, vocab)
-            total_nll += F.cross_entropy(logits, ids[b, 1:], reduction="sum").double().cpu()
+            nll = F.cross_entropy(logits, ids[b, 1:], reduction="sum").double().cpu()
+            total_nll += nll
+            window_nll.append(nll.item() / (ids.shape[1] - 1))
             count += ids.shape[1] - 1
         bar.update(ids.shape[0])
         bar.set_postfix(ppl=f"{math.exp(total_nll.item() / count):.2f}")
@@ -56,4 +65,13 @@ def perplexity(
     nll = total_nll.item() / count
     if not math.isfinite(nll):
         raise NonFiniteError("the model produced non-finite log-likelihoods; check its weights for NaN/inf")
-    return PerplexityResult(math.exp(nll), nll, windows.shape[0], windows.shape[1], count, note)
+    return PerplexityResult(math.exp(nll), nll, windows.shape[0], windows.shape[1], count, note, mean_stderr(window_nll))
+
+
+def mean_stderr(values: list[float]) -> Optional[float]:
+    """Sample standard deviation / sqrt(n); None for fewer than two values."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)

@@ -50,6 +50,7 @@ from compressor.parallel.megatron_model import (
     Layout, build_gpt_model, destroy_model_parallel, init_distributed, init_model_parallel, load_hf_weights,
     open_hf_folder,
 )
+from compressor.reporting.tensorboard import TENSORBOARD_DIR, ScalarWriter
 from compressor.training.loop import log_row, schedule_at
 from compressor.utils.env import flush_denormals
 from compressor.utils.logging import get_logger
@@ -367,6 +368,7 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
     mask_train(plain, True)
     model.train()
     window_loss, window_steps, clock = 0.0, 0, WindowClock()  # evaluation and checkpoints not counted
+    scalars = ScalarWriter(out / TENSORBOARD_DIR) if rank0 else None
     train_start = time.perf_counter()
     for step in range(start, t.steps):
         tau, kappa, lam = schedule_at(mcfg, step, t.steps)
@@ -390,6 +392,7 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
                           window_steps)
             history["logs"].append(row)
             if rank0:
+                scalars(row, done, "train")
                 log.info("step %d: loss %.4f tau %.3f kappa %.1f max_prob %.4f flips %.5f", done, row["loss"], tau,
                          kappa, row["max_prob"], row["flip_rate"])
             window_loss, window_steps = 0.0, 0
@@ -399,10 +402,13 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
                 ppl = hard_mask_perplexity(model, masks, eval_windows, cfg.evaluation.batch_size, layout)
                 history["evals"].append({"step": done, "tokens": done * tokens_per_step, "perplexity": ppl})
                 if rank0:
+                    scalars(history["evals"][-1], done, "eval")
                     log.info("step %d: hard-mask perplexity %.3f", done, ppl)
             if done % t.checkpoint_every == 0 or done == t.steps:
                 ckpt.save(root, done, masks, optimizer, stream, dims, layout, history, t.keep_checkpoints)
     timer["train"] = time.perf_counter() - train_start
+    if scalars is not None:
+        scalars.close()
     mask_train(plain, False)
     return _finish(cfg, out, folder, masks, dims, layout, history, timer)
 
@@ -430,7 +436,8 @@ def _finish(cfg: DistributedLearnConfig, out: Path, folder: Path, masks: MaskSet
                      "world_size": dist.get_world_size(), "micro_batches": cfg.num_microbatches},
         "history": history,
         "outputs": {"masks": "masks.safetensors", "logits": "logits.safetensors",
-                    "model": "model (links to the dense base model; export applies masks.safetensors)"},
+                    "model": "model (links to the dense base model; export applies masks.safetensors)",
+                    "tensorboard": TENSORBOARD_DIR},
         "timing": timer, "memory": {"peak_rss_bytes_per_rank": peak},
     }
     if history["evals"]:

@@ -39,6 +39,78 @@ def prune_report_markdown(report: Mapping[str, Any]) -> str:
     if s.get("error_by_type"):
         parts += ["", "## Mean layer error by type", "",
                   table(["type", "error"], sorted(s["error_by_type"].items()))]
+    parts += evaluation_markdown(report)
     for plot in report.get("outputs", {}).get("plots", []):
         parts += ["", f"![{plot}]({plot})"]
     return "\n".join(parts) + "\n"
+
+
+def learn_report_markdown(report: Mapping[str, Any]) -> str:
+    """The page of a mask-learning run (`compressor learn`)."""
+    logs, evals = report["history"]["logs"], report["history"]["evals"]
+    last = logs[-1] if logs else {}
+    ppl = report.get("perplexity")
+    parts = [
+        f"# {report['method']} {report['sparsity']} on {report['model']['source']}",
+        "",
+        table(["metric", "value"], [
+            ["backend", f"{report.get('backend')} x {report.get('world_size', 1)}"],
+            ["steps", last.get("step")],
+            ["training tokens", last.get("tokens")],
+            ["last training loss", last.get("loss")],
+            ["last mask flip rate", last.get("flip_rate")],
+            ["hard-mask perplexity during training", ", ".join(f"{e['perplexity']:.4g}" for e in evals) or None],
+            ["train seconds", report.get("timing", {}).get("train")],
+            ["peak RSS GiB", round(report["memory"]["peak_rss_bytes"] / 2**30, 3)],
+        ]),
+    ]
+    if ppl:
+        note = f" ({ppl['note']})" if ppl.get("note") else ""
+        parts.append(f"\n**Perplexity, final hard mask:** {ppl['perplexity']:.3f} over {ppl['windows']} windows of "
+                     f"{ppl['window_length']}{note}")
+    parts += evaluation_markdown(report)
+    for plot in report.get("outputs", {}).get("plots", []):
+        parts += ["", f"![{plot}]({plot})"]
+    if report.get("outputs", {}).get("tensorboard"):
+        parts += ["", f"Training curves for TensorBoard: `tensorboard --logdir {report['outputs']['tensorboard']}`"]
+    return "\n".join(parts) + "\n"
+
+
+def value_pm(metric: Mapping[str, Any]) -> str:
+    """``0.6123 ± 0.0114``."""
+    stderr = metric.get("stderr")
+    return f"{metric['value']:.4g}" + (f" ± {stderr:.2g}" if stderr is not None else "")
+
+
+def tasks_table(series: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """One row per task metric, one column per series (e.g. dense, final; or one per run)."""
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    notes: dict[str, str] = {}
+    for label, tasks in series.items():
+        for task, result in tasks.items():
+            for name, m in result["metrics"].items():
+                rows.setdefault((task, name), {})[label] = value_pm(m)
+            if result.get("note"):
+                notes.setdefault(task, result["note"])
+    body = [[task, name + (" ↑" if _hib(series, task, name) else " ↓" if _hib(series, task, name) is False else ""),
+             *[cells.get(label) for label in series], notes.pop(task, None)] for (task, name), cells in rows.items()]
+    return table(["task", "metric", *series, "note"], body)
+
+
+def _hib(series: Mapping[str, Mapping[str, Any]], task: str, name: str) -> Any:
+    for tasks in series.values():
+        if task in tasks and name in tasks[task]["metrics"]:
+            return tasks[task]["metrics"][name].get("higher_is_better")
+    return None
+
+
+def evaluation_markdown(report: Mapping[str, Any]) -> list[str]:
+    """The tasks section of a run's page (with the dense baseline beside it when present)."""
+    series = {label: report[key]["tasks"] for key, label in (("dense_evaluation", "dense"), ("evaluation", "final"))
+              if report.get(key)}
+    if not series:
+        return []
+    info = report["evaluation"] if report.get("evaluation") else report["dense_evaluation"]
+    harness = info.get("harness") or {}
+    how = f"evaluated in {info['dtype']}" + (f", lm-eval {harness.get('lm_eval')}" if harness else "")
+    return ["", "## Evaluation tasks", "", f"Value ± standard error; {how}.", "", tasks_table(series)]

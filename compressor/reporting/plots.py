@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from compressor.utils.fs import atomic_path
 
@@ -57,6 +57,54 @@ def plot_lines(series: Mapping[str, Sequence[tuple[float, float]]], path: str | 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def score_rows(tasks: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, float, Optional[float]]]:
+    """(task:metric, value, stderr) of the scores of a report's tasks (metrics where higher is better)."""
+    return [(f"{task}:{name}", m["value"], m.get("stderr")) for task, result in tasks.items()
+            for name, m in result["metrics"].items() if m.get("higher_is_better")]
+
+
+def plot_grouped_bars(rows: Mapping[str, Mapping[str, tuple[float, Optional[float]]]], path: str | Path, title: str,
+                      ylabel: str, logy: bool = False) -> Optional[Path]:
+    """Bars of ``rows[series][key] = (value, stderr or None)``: one group per key, one colour per series
+    (a run; dense / final), error bars where a standard error is known; None when there is nothing to draw."""
+    rows = {label: r for label, r in rows.items() if r}
+    keys = list(dict.fromkeys(k for r in rows.values() for k in r))
+    if not keys:
+        return None
+    plt = _pyplot()
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(min(18.0, max(6.0, 0.45 * len(keys) * len(rows) + 2)), 4.8))
+    for i, (label, r) in enumerate(rows.items()):
+        present = [j for j, k in enumerate(keys) if k in r]
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in present]
+        ys = [r[keys[j]][0] for j in present]
+        errs = [r[keys[j]][1] or 0.0 for j in present]
+        ax.bar(xs, ys, width, yerr=errs if any(errs) else None, capsize=2, label=label)
+    ax.set_xticks(range(len(keys)), keys, rotation=60 if len(keys) > 4 else 0, ha="right" if len(keys) > 4 else "center",
+                  fontsize=7)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_task_bars(series: Mapping[str, Mapping[str, Mapping[str, Any]]], path: str | Path, title: str) -> Optional[Path]:
+    """Every task score (higher is better) with its standard error, one colour per series."""
+    rows = {label: {k: (v, e) for k, v, e in score_rows(tasks)} for label, tasks in series.items()}
+    return plot_grouped_bars(rows, path, title, "score (± standard error)")
+
+
+def evaluation_plots(out: Path, report: Mapping[str, Any]) -> list[Path]:
+    """The task chart of a run (with its dense baseline when there is one), relative to ``out``."""
+    series = {label: report[key]["tasks"] for key, label in (("dense_evaluation", "dense"), ("evaluation", "final"))
+              if report.get(key)}
+    path = plot_task_bars(series, out / "plots" / "tasks.png", "Evaluation tasks") if series else None
+    return [path.relative_to(out)] if path else []
 
 
 def _save(fig, path: str | Path) -> Path:

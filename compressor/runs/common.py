@@ -13,6 +13,7 @@ from compressor.config.base import yaml_load
 from compressor.errors import ConfigError
 from compressor.eval.config import EvalConfig
 from compressor.eval.perplexity import PerplexityResult, perplexity
+from compressor.eval.precision import eval_precision
 from compressor.utils.env import environment_info, peak_rss_bytes
 from compressor.utils.fs import atomic_write_json, atomic_write_text
 from compressor.utils.logging import get_logger
@@ -68,7 +69,8 @@ def eval_windows_for(cfg: EvalConfig, tokenizer) -> tuple[torch.Tensor, Optional
 
 
 def evaluate(model, windows: torch.Tensor, cfg: EvalConfig, note: Optional[str], desc: str) -> PerplexityResult:
-    result = perplexity(model, windows, cfg.batch_size, desc=desc, note=note)
+    with eval_precision(model, cfg.dtype) as evaluated:
+        result = perplexity(evaluated, windows, cfg.batch_size, desc=desc, note=note)
     log.info("%s perplexity %.3f over %d windows%s", desc, result.perplexity, result.windows, f" ({note})" if note else "")
     return result
 

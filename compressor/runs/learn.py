@@ -23,7 +23,10 @@ from compressor.methods.registry import STATS_NEEDED
 from compressor.models.checks import assert_finite_weights
 from compressor.models.layers import prunable_linears
 from compressor.pipelines.sequential import OneShotPlan, prune_sequential
-from compressor.reporting.plots import plot_lines
+from compressor.eval.runner import check_tasks_available, run_tasks
+from compressor.reporting.markdown import learn_report_markdown
+from compressor.reporting.plots import evaluation_plots, plot_lines
+from compressor.reporting.tensorboard import TENSORBOARD_DIR, ScalarWriter
 from compressor.runs.common import evaluate, eval_windows_for, finish_report, save_or_check_config
 from compressor.training.backends import Backend, DeepSpeedBackend, SingleProcessBackend
 from compressor.training.config import LearnConfig
@@ -84,6 +87,7 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
     already opened by ``run_learn``; rank 0 returns the report."""
     from compressor.models import load_model
 
+    check_tasks_available(cfg.evaluation)
     backend = make_backend(cfg)
     out = Path(output)
     timer = PhaseTimer()
@@ -118,8 +122,12 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
         eval_windows, note = eval_windows_for(cfg.evaluation, tokenizer)
         evaluate_fn = lambda: evaluate(model, eval_windows, cfg.evaluation, note, "hard mask").perplexity  # noqa: E731
 
+    scalars = ScalarWriter(out / TENSORBOARD_DIR) if backend.is_main else None
     with timer.phase("train"):
-        history = train_masks(model, masks, cfg.maskllm, cfg.train, stream, backend, out / "checkpoints", evaluate_fn)
+        history = train_masks(model, masks, cfg.maskllm, cfg.train, stream, backend, out / "checkpoints", evaluate_fn,
+                              scalars=scalars)
+    if scalars is not None:
+        scalars.close()
     if not (backend.is_main or backend.partitioned):  # under ZeRO-3 every rank takes part in the gathers below
         backend.close()
         return None
@@ -149,10 +157,16 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
     if not backend.is_main:
         backend.close()
         return None
-    plots = _plots(out, history)
-    report["outputs"] = {"model": "model", "masks": "masks.safetensors", "logits": "logits.safetensors", "plots": plots}
+    if cfg.evaluation.enabled:
+        with timer.phase("evaluate"):  # ZeRO-3 keeps the weights partitioned: rank 0 reads the saved model
+            evaluated = load_model(cfg.model.model_copy(update={"source": str(out / "model")})).model \
+                if backend.partitioned and cfg.evaluation.harness_specs else model
+            report["evaluation"] = run_tasks(evaluated, tokenizer, cfg.evaluation, report.get("perplexity"))
+    report["outputs"] = {"model": "model", "masks": "masks.safetensors", "logits": "logits.safetensors",
+                         "plots": _plots(out, history) + [str(p) for p in evaluation_plots(out, report)],
+                         "tensorboard": TENSORBOARD_DIR}
     report["timing"] = timer.as_dict()
-    finish_report(out, report)
+    finish_report(out, report, learn_report_markdown)
     backend.close()
     return report
 

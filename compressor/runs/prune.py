@@ -13,6 +13,7 @@ from compressor.calibration.config import CalibrationConfig
 from compressor.checkpoints.masks import save_masks
 from compressor.config.base import SparsityField, StrictModel, input_paths
 from compressor.eval.config import EvalConfig
+from compressor.eval.runner import check_tasks_available, run_tasks
 from compressor.execution.base import ExecutorConfig, make_executor
 from compressor.methods.registry import (
     MagnitudeOptions, MethodName, SparseGPTOptions, SparseSwapsOptions, WandaOptions,
@@ -24,7 +25,7 @@ from compressor.pipelines.block_store import BlockStore
 from compressor.precision import DTYPES
 from compressor.pipelines.sequential import OneShotPlan, prune_sequential
 from compressor.reporting.markdown import prune_report_markdown
-from compressor.reporting.plots import plot_layer_errors
+from compressor.reporting.plots import evaluation_plots, plot_layer_errors
 from compressor.reporting.summary import mean_by_type, mean_of, weighted_density
 from compressor.sparsity import NM, is_nm
 from compressor.runs.common import evaluate, eval_windows_for, finish_report, save_or_check_config
@@ -97,6 +98,7 @@ class LazyWalk:
 
 def run_prune(cfg: PruneConfig, output: str | Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Prune into the run folder ``output`` (see ``compressor.utils.run_folder`` for the folder policy)."""
+    check_tasks_available(cfg.evaluation)
     with run_folder(output, "prune", input_paths(cfg), overwrite, resume) as folder:
         save_or_check_config(folder.path, cfg, resuming=folder.resumed)
         return _prune(cfg, folder.path)
@@ -122,14 +124,17 @@ def _prune(cfg: PruneConfig, out: Path) -> dict[str, Any]:
 
     eval_windows = note = None
     if cfg.evaluation.enabled and lazy is not None:
-        log.info("model.lazy: perplexity is skipped (the model is never whole in memory); "
+        log.info("model.lazy: evaluation is skipped (the model is never whole in memory); "
                  "run `compressor eval` on the output where it fits")
     elif cfg.evaluation.enabled:
-        with timer.phase("data"):
-            eval_windows, note = eval_windows_for(cfg.evaluation, tokenizer)
+        if cfg.evaluation.perplexity:
+            with timer.phase("data"):
+                eval_windows, note = eval_windows_for(cfg.evaluation, tokenizer)
         if cfg.evaluation.dense_baseline:
             with timer.phase("evaluate"):
-                report["dense_perplexity"] = evaluate(model, eval_windows, cfg.evaluation, note, "dense").as_dict()
+                if eval_windows is not None:
+                    report["dense_perplexity"] = evaluate(model, eval_windows, cfg.evaluation, note, "dense").as_dict()
+                report["dense_evaluation"] = run_tasks(model, tokenizer, cfg.evaluation, report.get("dense_perplexity"))
 
     needs_data = cfg.method != "magnitude" or cfg.layer_error
     with timer.phase("data"):
@@ -174,12 +179,16 @@ def _prune(cfg: PruneConfig, out: Path) -> dict[str, Any]:
     if eval_windows is not None:
         with timer.phase("evaluate"):
             report["perplexity"] = evaluate(model, eval_windows, cfg.evaluation, note, "pruned").as_dict()
+    if cfg.evaluation.enabled and lazy is None:
+        with timer.phase("evaluate"):
+            report["evaluation"] = run_tasks(model, tokenizer, cfg.evaluation, report.get("perplexity"))
 
     plots = []
     if cfg.layer_error and layers:
         keys = ("error", "warm_start_error") if report["summary"]["mean_warm_start_error"] is not None else ("error",)
         plots.append(plot_layer_errors(layers, out / "plots" / "layer_error.png",
                                        f"{cfg.method} {cfg.sparsity}: layer error vs dense inputs", keys).relative_to(out))
+    plots += evaluation_plots(out, report)
     report["outputs"] = {"model": "model" if cfg.save_model else None, "masks": "masks.safetensors",
                          "plots": [str(p) for p in plots]}
     times = timer.as_dict()

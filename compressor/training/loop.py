@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -69,8 +69,10 @@ def train_masks(
     checkpoint_root: Path,
     evaluate: Optional[Callable[[], float]] = None,
     tokens_per_step: Optional[int] = None,
+    scalars: Optional[Callable[[Mapping[str, float], int, str], None]] = None,
 ) -> History:
-    """Train ``masks`` (attached to ``model``) for ``tcfg.steps`` optimizer steps, resuming if possible."""
+    """Train ``masks`` (attached to ``model``) for ``tcfg.steps`` optimizer steps, resuming if possible.
+    ``scalars(values, step, prefix)`` also receives every log row and evaluation (e.g. TensorBoard)."""
     history = History()
     start = 0
     flush_denormals()
@@ -92,6 +94,8 @@ def train_masks(
     if evaluate is not None and tcfg.eval_every and start == 0:  # the starting point of the curve: the prior
         mask_train(masks, False)
         history.evals.append({"step": 0, "tokens": 0, "perplexity": evaluate()})
+        if scalars is not None:
+            scalars(history.evals[-1], 0, "eval")
         log.info("step 0: hard-mask perplexity %.3f", history.evals[-1]["perplexity"])
     mask_train(masks, True)
     model.train()  # no dropout in LLaMA; the mode only selects soft (train) vs hard (eval) masks
@@ -132,6 +136,8 @@ def train_masks(
             row = log_row(done, tokens_per_step, float(window_loss / window_steps), (tau, kappa, lam), stats,
                           clock.seconds(), window_steps)
             history.logs.append(row)
+            if scalars is not None:
+                scalars(row, done, "train")
             bar.set_postfix(loss=f"{row['loss']:.3f}", tau=f"{tau:.2f}", flips=f"{row['flip_rate']:.4f}")
             window_loss.zero_()
             window_steps = 0
@@ -143,6 +149,8 @@ def train_masks(
                 mask_train(masks, True)
                 history.evals.append({"step": done, "tokens": done * tokens_per_step, "perplexity": ppl})
                 log.info("step %d: hard-mask perplexity %.3f", done, ppl)
+                if scalars is not None:
+                    scalars(history.evals[-1], done, "eval")
             if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
                 _save(checkpoint_root, done, masks, backend, stream, history, tcfg.keep_checkpoints)
     bar.close()

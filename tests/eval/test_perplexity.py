@@ -23,3 +23,14 @@ def test_perplexity_rejects_empty_windows(tiny_llama_dir):
     model = load_model(str(tiny_llama_dir)).model
     with pytest.raises(ValueError, match="non-empty"):
         perplexity(model, torch.empty(0, 8, dtype=torch.long))
+
+
+def test_perplexity_standard_error_comes_from_the_spread_over_windows(tiny_llama_dir):
+    model = load_model(str(tiny_llama_dir)).model
+    windows = torch.randint(0, 49152, (4, 16), generator=torch.Generator().manual_seed(1))
+    result = perplexity(model, windows, batch_size=3)
+    with torch.no_grad():
+        losses = torch.tensor([model(w[None], labels=w[None]).loss.item() for w in windows], dtype=torch.float64)
+    assert result.nll_stderr == pytest.approx((losses.std() / 2).item(), rel=1e-4)
+    assert result.as_dict()["stderr"] == pytest.approx(result.perplexity * result.nll_stderr)
+    assert perplexity(model, windows[:1]).stderr is None

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from compressor.checkpoints.logits import load_logits, logits_to_masks
 from compressor.checkpoints.masks import load_masks
 from compressor.parallel.config import DistributedLearnConfig
+from compressor.reporting.tensorboard import read_scalars
 from compressor.sparsity import NM, assert_nm
 from tests.parallel.megatron_workers import run_ranks, train
 
@@ -53,6 +54,9 @@ def test_train_rank_writes_what_the_exporter_reads(uninterrupted, tiny_llama_dir
     assert {"tau", "kappa", "lambda", "max_prob", "flip_rate", "tokens_per_second"} <= set(logs[0])
     assert [e["step"] for e in report["history"]["evals"]] == [2, 4] and report["perplexity"]["perplexity"] > 1
     assert len(report["memory"]["peak_rss_bytes_per_rank"]) == 2
+    scalars = read_scalars(out / report["outputs"]["tensorboard"])  # rank 0's curves, for TensorBoard
+    assert scalars["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in logs]
+    assert [s for s, _ in scalars["eval/perplexity"]] == [2, 4]
 
     masks, logits = load_masks(out / "masks.safetensors"), load_logits(out / "logits.safetensors")
     assert len(masks) == 14 and set(masks) == set(logits)  # 7 HF linears x 2 layers, HF names
@@ -104,6 +108,7 @@ def test_resume_continues_exactly(uninterrupted, tiny_llama_dir, tmp_path):
     assert [r["loss"] for r in got["logs"]] == [r["loss"] for r in want["logs"]]
     assert [r["max_prob"] for r in got["logs"]] == [r["max_prob"] for r in want["logs"]]
     assert got["evals"] == want["evals"]
+    assert [s for s, _ in read_scalars(out / "tensorboard")["train/loss"]] == [1, 2, 3, 4]  # each step once
 
 
 def test_resume_refuses_a_changed_config(uninterrupted, tiny_llama_dir, tmp_path):

