@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from compressor.calibration.stats import InputStats, StatsKind
 from compressor.models.arch import DecoderArch, InputGroup
 from compressor.models.layers import decoder_blocks
+from compressor.precision import Precision
 
 
 @dataclass
@@ -74,13 +75,16 @@ def capture_block_inputs(
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, desc: str | None = None) -> BlockInputs:
-    """Outputs of ``block`` for every batch: the next block's inputs."""
+def run_block(block: nn.Module, inputs: BlockInputs, desc: str | None = None,
+              precision: Precision = Precision()) -> BlockInputs:
+    """Outputs of ``block`` for every batch (in the dtype of its inputs): the next block's inputs."""
     out = []
     batches = zip(inputs.hidden, inputs.kwargs)
     for hidden, kwargs in tqdm(batches, total=len(inputs), desc=desc, leave=False, disable=desc is None):
-        result = block(hidden, use_cache=False, **kwargs)
-        out.append(result[0] if isinstance(result, tuple) else result)
+        with precision.autocast(hidden.device):
+            result = block(hidden, use_cache=False, **kwargs)
+        result = result[0] if isinstance(result, tuple) else result
+        out.append(result.to(hidden.dtype))
     return BlockInputs(out, inputs.kwargs)
 
 
@@ -92,6 +96,7 @@ def collect_block_stats(
     kind: StatsKind,
     prefix: str = "block",
     desc: str | None = None,
+    precision: Precision = Precision(),
 ) -> tuple[dict[str, InputStats], BlockInputs]:
     """Run ``block`` with hooks and return per-input-group statistics and the block's outputs.
 
@@ -101,14 +106,14 @@ def collect_block_stats(
     handles = []
     for group in groups:
         linear = block.get_submodule(group.linears[0])
-        stats[group.name] = InputStats.empty(kind, linear.in_features)
+        stats[group.name] = InputStats.empty(kind, linear.in_features, precision.statistics_dtype)
 
         def hook(module, args, _s=stats[group.name], _what=f"{prefix}.{group.linears[0]} input"):
             _s.add(args[0], _what)
 
         handles.append(linear.register_forward_pre_hook(hook))
     try:
-        outputs = run_block(block, inputs, desc)
+        outputs = run_block(block, inputs, desc, precision)
     finally:
         for h in handles:
             h.remove()

@@ -1,8 +1,10 @@
 """Input statistics of a linear layer, accumulated over calibration batches in float64.
 
 Wanda needs the squared column norms ||X_j||^2; SparseGPT and SparseSwaps need the Gram matrix
-G = X^T X (whose diagonal is those norms). Each batch's product is formed in the activations' dtype
-(fast BLAS) and added to a float64 running sum, so that summing hundreds of batches loses nothing.
+G = X^T X (whose diagonal is those norms). Each batch's product is formed in ``product_dtype``
+(float32, or bfloat16 on the CPU's bf16 matrix units; see compressor.precision) and added to a
+float64 running sum, so that summing hundreds of batches loses nothing more. Column norms are
+elementwise and cheap: always float32.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ class InputStats:
     tokens: int = 0
     col_sq: Optional[torch.Tensor] = None  # (in,) float64, sum over tokens of x_j^2
     gram: Optional[torch.Tensor] = field(default=None, repr=False)  # (in, in) float64, sum of x x^T
+    product_dtype: torch.dtype = torch.float32  # of each batch's X^T X (float64 inputs stay float64)
 
     @classmethod
-    def empty(cls, kind: StatsKind, width: int) -> "InputStats":
-        stats = cls(kind, width)
+    def empty(cls, kind: StatsKind, width: int, product_dtype: torch.dtype = torch.float32) -> "InputStats":
+        stats = cls(kind, width, product_dtype=product_dtype)
         if kind == "gram":
             stats.gram = torch.zeros(width, width, dtype=torch.float64)
         elif kind == "norms":
@@ -43,11 +46,11 @@ class InputStats:
             raise ValueError(f"{what}: expected width {self.width}, got {x.shape[1]}")
         if not torch.isfinite(x).all():
             raise NonFiniteError(f"{what}: non-finite activations during calibration (check the weights for NaN/inf)")
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()  # half-precision X^T X overflows and loses the small columns
         if self.kind == "gram":
+            x = x if x.dtype == torch.float64 else x.to(self.product_dtype)
             self.gram += (x.T @ x).to(torch.float64)
         else:
+            x = x if x.dtype == torch.float64 else x.float()
             self.col_sq += (x * x).sum(dim=0).to(torch.float64)
         self.tokens += x.shape[0]
 

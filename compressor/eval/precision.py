@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from compressor.errors import ConfigError
-from compressor.models.loading import DTYPES
+from compressor.precision import DTYPES
 from compressor.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -20,22 +20,33 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
+def _floating(model: nn.Module) -> list[torch.Tensor]:
+    return [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+
+
 @contextmanager
 def eval_precision(model: nn.Module, dtype: str) -> Iterator[nn.Module]:
-    """``model`` in ``dtype``: itself when it already is; cast in place and back when ``dtype`` is wider
-    (exact both ways); otherwise a cast copy, so that the run's own weights never lose precision."""
-    target, current = DTYPES[dtype], model_dtype(model)
-    if target == current:
+    """``model`` in ``dtype``: itself when it already is; cast in place and back when ``dtype`` is at least
+    as wide as every tensor (exact both ways; each tensor gets its own dtype back, so a model whose frozen
+    weights are held in bf16 beside float32 ones stays as it was); otherwise a cast copy, so that the
+    run's own weights never lose precision."""
+    target = DTYPES[dtype]
+    tensors = _floating(model)
+    if all(t.dtype == target for t in tensors):
         yield model
     elif any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 holds the real weights apart
-        raise ConfigError(f"evaluation.dtype {dtype} differs from the {str(current).removeprefix('torch.')} weights, "
-                          "which DeepSpeed ZeRO-3 partitions and cannot cast; set evaluation.dtype to model.dtype")
-    elif target.itemsize > current.itemsize:
-        model.to(target)
+        current = str(model_dtype(model)).removeprefix("torch.")
+        raise ConfigError(f"evaluation.dtype {dtype} differs from the {current} weights, which DeepSpeed ZeRO-3 "
+                          "partitions and cannot cast; set evaluation.dtype to model.dtype")
+    elif all(target.itemsize >= t.dtype.itemsize for t in tensors):
+        saved = [(t, t.dtype) for t in tensors if t.dtype != target]
+        for t, _ in saved:
+            t.data = t.data.to(target)
         try:
             yield model
         finally:
-            model.to(current)
+            for t, original in saved:
+                t.data = t.data.to(original)
     else:
-        log.info("evaluating a %s copy of the %s model", dtype, str(current).removeprefix("torch."))
+        log.info("evaluating a %s copy of the %s model", dtype, str(model_dtype(model)).removeprefix("torch."))
         yield copy.deepcopy(model).to(target)

@@ -39,6 +39,7 @@ from compressor.methods.registry import (
 from compressor.models.arch import DecoderArch
 from compressor.models.layers import LinearTarget, by_block, decoder_blocks, prunable_linears
 from compressor.pipelines.block_store import BlockStore
+from compressor.precision import Precision
 from compressor.sparsity import NM, SparsityTarget, assert_nm
 from compressor.utils.logging import get_logger
 from compressor.utils.timing import PhaseTimer
@@ -56,6 +57,7 @@ class OneShotPlan:
     ignore: tuple[str, ...] = ()
     batch_size: int = 8
     layer_error: bool = True
+    precision: Precision = Precision()  # of the pruned stream's passes (the dense stream measures: float32)
 
 
 @dataclass
@@ -238,7 +240,8 @@ def prune_sequential(
             stats: dict[str, InputStats] = {}
             if pruned_in is not None:
                 with timer.phase("calibrate"):
-                    stats, _ = collect_block_stats(block, pruned_in, groups, needs, f"{arch.blocks}.{k}")
+                    stats, _ = collect_block_stats(block, pruned_in, groups, needs, f"{arch.blocks}.{k}",
+                                                   precision=plan.precision)
             with timer.phase("solve"):
                 results = _solve_block(block, block_targets, stats, plan, executor)
             with timer.phase("checkpoint"):
@@ -252,7 +255,7 @@ def prune_sequential(
             masks[r.name] = r.mask
         if pruned_in is not None:
             with timer.phase("calibrate"):
-                pruned_in = run_block(block, pruned_in)
+                pruned_in = run_block(block, pruned_in, precision=plan.precision)
         if isinstance(plan.sparsity, NM):
             for t in block_targets:
                 assert_nm(block.get_submodule(t.rel).weight, plan.sparsity, t.name)

@@ -17,12 +17,15 @@ from compressor.checkpoints.masks import load_masks, save_masks
 from compressor.config.base import input_paths
 from compressor.errors import ConfigError
 from compressor.execution.base import InProcessExecutor
-from compressor.methods.maskllm import attach_masks, mask_memory_bytes, prior_agreement, remove_masks
+from compressor.methods.maskllm import (
+    attach_masks, mask_memory_bytes, prior_agreement, remove_masks, store_frozen_weights,
+)
 from compressor.methods.maskllm.gumbel import hard_mask
 from compressor.methods.registry import STATS_NEEDED
 from compressor.models.checks import assert_finite_weights
 from compressor.models.layers import prunable_linears
 from compressor.pipelines.sequential import OneShotPlan, prune_sequential
+from compressor.precision import log_precision
 from compressor.eval.runner import check_tasks_available, run_tasks
 from compressor.reporting.markdown import learn_report_markdown
 from compressor.reporting.plots import evaluation_plots, plot_lines
@@ -58,7 +61,7 @@ def prior_masks(cfg: LearnConfig, names: list[str]) -> Optional[dict[str, torch.
         windows = calibration_windows(load_token_ids(c.data, loaded.tokenizer), c.num_windows, c.seq_len, c.seed)
         options = {"sparsegpt": prior.sparsegpt, "sparseswaps": prior.sparseswaps}.get(prior.kind)
         plan = OneShotPlan(prior.kind, cfg.maskllm.sparsity, options, prior.sparsegpt, tuple(cfg.targets),
-                           tuple(cfg.ignore), c.batch_size, layer_error=False)
+                           tuple(cfg.ignore), c.batch_size, layer_error=False, precision=cfg.precision)
         if STATS_NEEDED[prior.kind] == "none":
             windows = windows[:0]
         masks = prune_sequential(loaded.model, loaded.arch, windows, plan, InProcessExecutor()).masks
@@ -107,6 +110,10 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
         (log.warning if agreement < 0.99 else log.info)(
             "the initial hard mask keeps the prior's pattern in %.2f%% of groups%s", 100 * agreement,
             "; raise maskllm.prior_strength to start from the prior itself" if agreement < 0.99 else "")
+    frozen_bf16 = cfg.precision.compute == "bfloat16" and not cfg.maskllm.train_weights
+    if frozen_bf16:
+        store_frozen_weights(model, masks, torch.bfloat16)
+    log_precision(cfg.precision, "learn")
     memory = mask_memory_bytes(masks)  # before ZeRO-3 partitions the logits (their local numel drops)
     params = [{"params": [m.logits for m in masks.values()], "lr": cfg.maskllm.logits_lr}]
     if cfg.maskllm.train_weights:
@@ -125,7 +132,7 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
     scalars = ScalarWriter(out / TENSORBOARD_DIR) if backend.is_main else None
     with timer.phase("train"):
         history = train_masks(model, masks, cfg.maskllm, cfg.train, stream, backend, out / "checkpoints", evaluate_fn,
-                              scalars=scalars)
+                              scalars=scalars, precision=cfg.precision)
     if scalars is not None:
         scalars.close()
     if not (backend.is_main or backend.partitioned):  # under ZeRO-3 every rank takes part in the gathers below
@@ -133,7 +140,8 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
         return None
 
     report: dict[str, Any] = {"method": "maskllm", "sparsity": str(cfg.maskllm.sparsity), "model": {"source": cfg.model.source},
-                              "config": cfg.model_dump(mode="json"), "backend": cfg.backend, "world_size": backend.world_size,
+                              "config": cfg.model_dump(mode="json"), "precision": cfg.precision.describe(),
+                              "backend": cfg.backend, "world_size": backend.world_size,
                               "history": {"logs": history.logs, "evals": history.evals},
                               "memory_per_masked_weight": memory, "prior_agreement": agreement}
     with timer.phase("save"):
@@ -145,6 +153,8 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
         state = _baked_state_dict(model, masks, backend) if backend.partitioned else None
         if not backend.partitioned:
             remove_masks(model, bake=True)
+        if frozen_bf16 and backend.is_main:  # bake the source's own float32 weights, not their bf16 copies
+            state = _rebake_from_source(model, state, hard, loaded.folder)
         if backend.is_main:
             save_masks(out / "masks.safetensors", hard, str(cfg.maskllm.sparsity))
             save_logits(out / "logits.safetensors", logits, cfg.maskllm.sparsity)
@@ -169,6 +179,24 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
     finish_report(out, report, learn_report_markdown)
     backend.close()
     return report
+
+
+@torch.no_grad()
+def _rebake_from_source(model: torch.nn.Module, state: Optional[dict[str, torch.Tensor]], hard: dict[str, torch.Tensor],
+                        folder: Path) -> Optional[dict[str, torch.Tensor]]:
+    """Masked weights = the source folder's weights x hard mask, in the source dtype (a run whose frozen
+    weights were held in bf16 must not ship bf16-rounded weights); into ``state`` if given, else the model."""
+    from compressor.models.lazy import WeightStore
+
+    store = WeightStore(folder)
+    for name, mask in hard.items():
+        weight = store.get(name)
+        baked = weight * mask.to(weight.dtype)
+        if state is not None:
+            state[name] = baked
+        else:
+            model.get_parameter(name).data = baked
+    return state
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from compressor.models.checks import assert_finite_weights
 from compressor.models.config import ModelConfig
 from compressor.models.layers import block_prefix, decoder_blocks
 from compressor.pipelines.block_store import BlockStore
-from compressor.precision import DTYPES
+from compressor.precision import DTYPES, Precision, log_precision
 from compressor.pipelines.sequential import OneShotPlan, prune_sequential
 from compressor.reporting.markdown import prune_report_markdown
 from compressor.reporting.plots import evaluation_plots, plot_layer_errors
@@ -50,6 +50,7 @@ class PruneConfig(StrictModel):
     calibration: CalibrationConfig = CalibrationConfig()
     evaluation: EvalConfig = EvalConfig()
     executor: ExecutorConfig = ExecutorConfig()
+    precision: Precision = Precision()  # bfloat16: calibration passes on the bf16 matrix units
     layer_error: bool = True  # report each layer's error against the dense model's inputs
     save_model: bool = True
 
@@ -120,6 +121,7 @@ def _prune(cfg: PruneConfig, out: Path) -> dict[str, Any]:
         "model": {"source": cfg.model.source, "folder": str(loaded.folder), "family": loaded.arch.family,
                   "parameters": sum(p.numel() for p in model.parameters())},
         "config": cfg.model_dump(mode="json"),
+        "precision": cfg.precision.describe(),
     }
 
     eval_windows = note = None
@@ -145,7 +147,8 @@ def _prune(cfg: PruneConfig, out: Path) -> dict[str, Any]:
             windows = torch.empty(0, cfg.calibration.seq_len, dtype=torch.long)
 
     plan = OneShotPlan(cfg.method, cfg.sparsity, cfg.method_options, cfg.sparsegpt, tuple(cfg.targets),
-                       tuple(cfg.ignore), cfg.calibration.batch_size, cfg.layer_error)
+                       tuple(cfg.ignore), cfg.calibration.batch_size, cfg.layer_error, cfg.precision)
+    log_precision(cfg.precision, "prune")
     work = out / ".work" / "blocks"
     with make_executor(cfg.executor) as executor:
         outcome = prune_sequential(model, loaded.arch, windows, plan, executor, BlockStore(work), timer,

@@ -13,6 +13,7 @@ from compressor.eval.config import EvalConfig
 from compressor.methods.maskllm.config import MaskLLMConfig
 from compressor.methods.registry import SparseGPTOptions, SparseSwapsOptions
 from compressor.models.config import ModelConfig
+from compressor.precision import Precision
 from compressor.training.backends import DeepSpeedConfig
 
 
@@ -62,6 +63,9 @@ class MaskLearningConfig(StrictModel):
     ignore: list[str] = []
     train: TrainConfig = TrainConfig()
     evaluation: EvalConfig = EvalConfig(max_windows=16)  # hard-mask perplexity every train.eval_every steps
+    # bfloat16: forward / backward products on the bf16 matrix units, frozen weights stored in bf16
+    # (logits, optimizer state, the logits' gradient and trained weights stay float32)
+    precision: Precision = Precision()
 
 
 class LearnConfig(MaskLearningConfig):

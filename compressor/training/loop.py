@@ -19,6 +19,7 @@ from compressor.methods.maskllm import (
 )
 from compressor.methods.maskllm.attach import pattern_ids
 from compressor.methods.maskllm.config import MaskLLMConfig
+from compressor.precision import Precision
 from compressor.training.backends import Backend
 from compressor.utils.env import flush_denormals
 from compressor.utils.timing import WindowClock
@@ -70,9 +71,11 @@ def train_masks(
     evaluate: Optional[Callable[[], float]] = None,
     tokens_per_step: Optional[int] = None,
     scalars: Optional[Callable[[Mapping[str, float], int, str], None]] = None,
+    precision: Precision = Precision(),
 ) -> History:
     """Train ``masks`` (attached to ``model``) for ``tcfg.steps`` optimizer steps, resuming if possible.
-    ``scalars(values, step, prefix)`` also receives every log row and evaluation (e.g. TensorBoard)."""
+    ``scalars(values, step, prefix)`` also receives every log row and evaluation (e.g. TensorBoard).
+    Forward passes run under ``precision``'s autocast; samples and their gradients stay float32 then."""
     history = History()
     start = 0
     flush_denormals()
@@ -108,10 +111,11 @@ def train_masks(
         set_schedule_state(masks, tau, kappa)
         step_loss = torch.zeros((), dtype=torch.float64)
         if per_step:
-            hold_samples(model, masks)
+            hold_samples(model, masks, dtype=torch.float32 if precision.compute != "float32" else None)
         for _ in range(tcfg.grad_accum):
             ids = stream.next_batch(tcfg.micro_batch_size)  # (B, T)
-            lm_loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            with precision.autocast(ids.device):
+                lm_loss = model(input_ids=ids, labels=ids, use_cache=False).loss.float()
             _check_finite(lm_loss, step, checkpoint_root)
             if per_step:  # gradients collect on the held samples; the logits get them once, below
                 (lm_loss / tcfg.grad_accum).backward()

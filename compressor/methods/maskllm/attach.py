@@ -140,7 +140,8 @@ def sparse_weight_regularizer(source: Union[nn.Module, Mapping[str, NMMaskParame
     return torch.stack(terms).sum()
 
 
-def hold_samples(source: Union[nn.Module, Mapping[str, torch.Tensor]], masks: Masks) -> dict[str, torch.Tensor]:
+def hold_samples(source: Union[nn.Module, Mapping[str, torch.Tensor]], masks: Masks,
+                 dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """Draw one soft sample per mask for a whole optimizer step: {name: W * mask, a leaf served to forwards}.
 
     ``source`` is the model the masks were attached to by name (``attach_masks``), or the unmasked
@@ -148,7 +149,7 @@ def hold_samples(source: Union[nn.Module, Mapping[str, torch.Tensor]], masks: Ma
     megatron pipeline stage names them globally). Every forward until ``step_surrogate`` reuses the
     sample, so the cost of sampling (and of its backward) is paid once per step instead of once per
     micro-batch. Layers are sampled side by side on threads (each with its own generator, so the
-    draws do not depend on the threading).
+    draws do not depend on the threading). ``dtype``: of the samples (see ``hold_sample``).
     """
     if isinstance(source, nn.Module):
         weights = {name: source.get_submodule(name).parametrizations.weight.original for name in masks}
@@ -159,7 +160,7 @@ def hold_samples(source: Union[nn.Module, Mapping[str, torch.Tensor]], masks: Ma
                              f"({len(missing)} of {len(masks)} missing)")
         weights = dict(source)
     names = list(masks)
-    held = thread_map(lambda n: masks[n].hold_sample(weights[n]), names, cost=lambda n: masks[n].logits.numel())
+    held = thread_map(lambda n: masks[n].hold_sample(weights[n], dtype), names, cost=lambda n: masks[n].logits.numel())
     return dict(zip(names, held))
 
 
@@ -236,6 +237,17 @@ def mask_memory_bytes(masks: Masks, optimizer: str = "adamw") -> dict[str, float
 
 
 @torch.no_grad()
+@torch.no_grad()
+def store_frozen_weights(model: nn.Module, masks: Masks, dtype: torch.dtype) -> None:
+    """Keep the frozen weights under ``masks`` in ``dtype`` (bf16 halves their memory; the products read
+    them in bf16 anyway). Masks and samples stay float32; the weights must not be trained."""
+    for name in masks:
+        weight = model.get_submodule(name).parametrizations.weight.original
+        if weight.requires_grad:
+            raise ValueError(f"{name}: trained weights keep float32 masters; only frozen weights are stored in {dtype}")
+        weight.data = weight.data.to(dtype)
+
+
 def remove_masks(model: nn.Module, bake: bool = True) -> dict[str, torch.Tensor]:
     """Remove every learnable mask and return the final hard masks {module name: (out, in) bool}.
 

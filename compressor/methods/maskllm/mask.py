@@ -80,24 +80,29 @@ class NMMaskParametrization(nn.Module):
         if self.held is not None:
             return self.held
         soft = gumbel_soft_mask(self.logits, self.tau, self.kappa, self.patterns, self.generator, noise=self.noise)
-        masked = weight * soft.to(weight.dtype)  # (out, in)
+        # Under autocast the product stays float32 (bf16 weights are promoted) and the linear casts it for
+        # its matrix product, so the mask's gradient is formed in float32; without, it follows the weight.
+        soft = soft if torch.is_autocast_enabled(weight.device.type) else soft.to(weight.dtype)
+        masked = weight * soft  # (out, in)
         self.last_masked = masked
         return masked
 
     @torch.no_grad()
-    def hold_sample(self, weight: torch.Tensor) -> torch.Tensor:
+    def hold_sample(self, weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Draw one soft sample W * mask and serve it to every forward until it is released.
 
         Forwards see it as a leaf that requires grad, so micro-batch backward passes only accumulate
         G = d loss / d (W * mask) on it; ``sample_gradients`` then turns G into the logits' gradient
-        once. No autograd graph is kept: the probabilities are all the backward needs.
+        once. No autograd graph is kept: the probabilities are all the backward needs. ``dtype``: of
+        the sample, and so of G's accumulation (default the weight's; float32 under autocast, whose
+        products cast it, keeps G exact to float32 when the frozen weights are held in bf16).
         """
         if not self.training:
             raise RuntimeError(f"{self.name}: hold_sample needs a training (soft) mask; call mask_train(masks, True)")
         self._check_shape(weight, self.shape, "the weight to mask")
         noise = gumbel_noise(self.logits, self.generator, self.noise)  # (out, G, C)
         probs = perturbed_probs_(noise, self.logits, self.tau, self.kappa)  # (out, G, C)
-        masked = soft_mask(probs, self.patterns).to(weight.dtype).mul_(weight)  # (out, in)
+        masked = soft_mask(probs, self.patterns).to(dtype or weight.dtype).mul_(weight)  # (out, in)
         self._sample = (weight, probs, self.kappa / self.tau)
         self.held = masked.requires_grad_(True)
         return self.held
