@@ -37,3 +37,10 @@ def tiny_llama_dir(tmp_path_factory, smollm_dir) -> Path:
     from tests.factories import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, smollm_dir) -> Path:
+    from tests.factories import make_tiny_qwen2
+
+    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))

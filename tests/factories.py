@@ -18,3 +18,8 @@ def smollm_folder() -> Path:
 def make_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
     """A random LLaMA-family model with SmolLM2's tokenizer, saved as an HF folder."""
     return save_random_model(folder, "tiny", model_type, seed, **overrides)
+
+
+def make_tiny_qwen2(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A random Qwen2 (LLaMA with q/k/v biases, drawn non-zero) of the tiny preset's shape."""
+    return save_random_model(folder, "tiny", "qwen2", seed, **overrides)

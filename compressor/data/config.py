@@ -13,6 +13,7 @@ class DatasetConfig(StrictModel):
     # builtin:python-docs   offline English text that ships with every CPython (the default)
     # a path               a .txt/.raw/.tokens, .jsonl/.json or .parquet file, or a folder of them
     # hf:<name>            a Hugging Face dataset (needs network and the `datasets` package)
+    # corpus:train         the offline training corpus built by `make corpus`; corpus:heldout for validation
     source: InputPath = "builtin:python-docs"
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = "text"  # the column / JSON key holding the text (JSONL, Parquet, hf)

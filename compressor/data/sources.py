@@ -2,7 +2,7 @@
 
 A *document* is one record of the source: a piece of a text file cut at a line end (at most about
 ``chunk_bytes`` characters, see ``text_piece_size``), one JSONL line, one Parquet row, one builtin
-topic, one ``hf:`` row.
+topic, one ``hf:`` row, one unit of the training corpus (``corpus:train``, read as its Parquet folder).
 Document ``i`` of the source goes to data-parallel rank ``i % world_size``; ``start`` skips a rank's
 first documents, cheaply where the format allows (Parquet row groups and files from metadata).
 Readers are generators that yield the documents after the first ``skip`` and *return* the number
@@ -17,6 +17,7 @@ from typing import Generator, Iterator
 
 from compressor.data.builtin import BUILTIN
 from compressor.data.config import DatasetConfig
+from compressor.data.corpus import corpus_split_dir, is_corpus_source
 from compressor.errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".raw", ".tokens", ".text", ".md"}
@@ -47,8 +48,9 @@ def file_format(path: Path, declared: str = "auto") -> str:
 
 
 def source_files(cfg: DatasetConfig) -> list[Path]:
-    """The files of a path source: the file itself, or a folder's supported files in sorted order."""
-    path = Path(cfg.source).expanduser()
+    """The files of a path source: the file itself, or a folder's supported files in sorted order.
+    A ``corpus:`` name is the folder of that split's shards."""
+    path = corpus_split_dir(cfg.source) if is_corpus_source(cfg.source) else Path(cfg.source).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
@@ -62,8 +64,8 @@ def source_files(cfg: DatasetConfig) -> list[Path]:
                             "or point source at a file")
         return files
     raise DataError(
-        f"data source {cfg.source!r} does not exist: it is neither a file, a folder, 'builtin:python-docs' "
-        "nor 'hf:<dataset>' (relative paths are resolved from the directory you run in)"
+        f"data source {cfg.source!r} does not exist: it is neither a file, a folder, 'builtin:python-docs', "
+        "'corpus:train' / 'corpus:heldout' nor 'hf:<dataset>' (relative paths are resolved from the directory you run in)"
     )
 
 

@@ -25,6 +25,7 @@ from compressor.data.sources import (
     file_format, file_records, iter_documents, read_text_chunks, source_files,
 )
 from compressor.errors import DataError
+from compressor.utils.cache import cache_root
 from compressor.utils.fs import atomic_save_safetensors
 from compressor.utils.logging import get_logger
 
@@ -37,8 +38,7 @@ FLUSH_TOKENS = 1 << 20  # Python ints are moved into int32 tensors this often, t
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("COMPRESSOR_CACHE") or Path.home() / ".cache" / "compressor"
-    return Path(root) / "tokens"
+    return cache_root() / "tokens"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

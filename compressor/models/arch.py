@@ -30,6 +30,8 @@ class DecoderArch:
     rotary_emb: str | None = "model.rotary_emb"
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
+    # Biases on q, k and v (Qwen2; none on o or the MLP). They stay dense and are never pruned.
+    qkv_bias: bool = False
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -61,7 +63,7 @@ ARCHITECTURES: dict[str, DecoderArch] = {
     for arch in (
         DecoderArch("llama", ("llama",), _LLAMA_GROUPS),
         DecoderArch("mistral", ("mistral",), _LLAMA_GROUPS),
-        DecoderArch("qwen2", ("qwen2",), _LLAMA_GROUPS),
+        DecoderArch("qwen2", ("qwen2",), _LLAMA_GROUPS, qkv_bias=True),
         DecoderArch("qwen3", ("qwen3",), _LLAMA_GROUPS),
     )
 }

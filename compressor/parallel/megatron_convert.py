@@ -8,6 +8,7 @@ megatron (per pipeline stage, local index)  HF (global layer index i = offset + 
 embedding.word_embeddings.weight            model.embed_tokens.weight                      vocab rows
 decoder.layers.j.input_layernorm.weight     model.layers.i.input_layernorm.weight          replicated
 decoder.layers.j.self_attention.linear_qkv  model.layers.i.self_attn.{q,k,v}_proj          query groups
+  (.weight, and .bias for qwen2)
 decoder.layers.j.self_attention.linear_proj model.layers.i.self_attn.o_proj                input cols
 decoder.layers.j.pre_mlp_layernorm.weight   model.layers.i.post_attention_layernorm.weight replicated
 decoder.layers.j.mlp.linear_fc1             model.layers.i.mlp.{gate,up}_proj              gate, up rows
@@ -20,7 +21,8 @@ Fused QKV (grouped-query attention): the rows are grouped by query group g (one 
 ``[q heads of g (heads/groups of them), k head g, v head g]`` for g = 0..groups-1, so a TP rank's
 rows are a contiguous run of whole query groups. Fused fc1 of a TP rank is ``[its gate rows; its up
 rows]`` (SwiGLU applies silu to the first half). RoPE needs no permutation: HF LLaMA and megatron
-(``rotary_interleaved=False``) both rotate the two halves of each head.
+(``rotary_interleaved=False``) both rotate the two halves of each head. Qwen2 is LLaMA with biases on
+q, k and v (none on o or the MLP): megatron's ``add_qkv_bias``, a fused QKV bias laid out like the rows.
 
 The row/column maps only move whole rows or columns, so they apply unchanged to any tensor whose
 dim 0 is a linear's output row and dim 1 its input column (or group of M columns): weights, masks,
@@ -35,8 +37,9 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from compressor.errors import ConfigError, UnsupportedArchitectureError
+from compressor.models.arch import ARCHITECTURES
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 Getter = Callable[[str], torch.Tensor]
 
 
@@ -56,6 +59,7 @@ class LlamaDims:
     norm_eps: float
     rope_theta: float
     max_positions: int
+    qkv_bias: bool = False  # Qwen2: q/k/v biases (megatron's add_qkv_bias)
 
     @property
     def q_per_group(self) -> int:
@@ -71,11 +75,11 @@ class LlamaDims:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedArchitectureError(
                 f"megatron conversion supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r} "
-                "(biases, qk-norms or other layouts are not mapped; use the single-process or DeepSpeed backend)")
+                "(other biases, qk-norms or other layouts are not mapped; use the single-process or DeepSpeed backend)")
         for flag in ("attention_bias", "mlp_bias"):
             if getattr(config, flag, False):
-                raise UnsupportedArchitectureError(f"the model has {flag}=True; the megatron conversion maps bias-free "
-                                                   "LLaMA layers only")
+                raise UnsupportedArchitectureError(f"the model has {flag}=True; the megatron conversion maps "
+                                                   "bias-free LLaMA layers and Qwen2's q/k/v biases only")
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise UnsupportedArchitectureError(f"hidden_act={act!r}: the megatron model is built with SwiGLU (silu)")
@@ -98,7 +102,8 @@ class LlamaDims:
         return cls(hidden=config.hidden_size, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                    ffn=config.intermediate_size, layers=config.num_hidden_layers, vocab=config.vocab_size,
                    tied=bool(getattr(config, "tie_word_embeddings", False)), norm_eps=float(config.rms_norm_eps),
-                   rope_theta=float(theta), max_positions=int(config.max_position_embeddings))
+                   rope_theta=float(theta), max_positions=int(config.max_position_embeddings),
+                   qkv_bias=ARCHITECTURES[model_type].qkv_bias)
 
 
 def check_parallel_sizes(dims: LlamaDims, tp: int, pp: int) -> None:
@@ -160,8 +165,17 @@ LINEARS = (
 )
 
 
+QKV = LINEARS[0]
+
+
 def hf_layer(i: int) -> str:
     return f"model.layers.{i}"
+
+
+def layer_tensors(dims: LlamaDims) -> list[tuple[LinearKind, str]]:
+    """(linear, parameter) pairs of a decoder layer that the row/column maps move: every weight, and
+    Qwen2's fused QKV bias (1-D, rows only: the same query-group map as the weight's rows)."""
+    return [(kind, "weight") for kind in LINEARS] + ([(QKV, "bias")] if dims.qkv_bias else [])
 
 
 def split_local(kind: LinearKind, local: torch.Tensor, dims: LlamaDims, tp: int) -> list[torch.Tensor]:
@@ -230,9 +244,9 @@ def hf_to_megatron(get: Getter, dims: LlamaDims, shard: Shard) -> dict[str, torc
         src, dst = hf_layer(i), f"decoder.layers.{local}"
         for mg, hf in _LAYER_NORMS:
             out[f"{dst}.{mg}"] = get(f"{src}.{hf}").clone()
-        for kind in LINEARS:
-            full = [get(f"{src}.{h}.weight") for h in kind.hf]
-            out[f"{dst}.{kind.path}.weight"] = shard_hf(kind, full, dims, tp, rank)
+        for kind, param in layer_tensors(dims):
+            full = [get(f"{src}.{h}.{param}") for h in kind.hf]
+            out[f"{dst}.{kind.path}.{param}"] = shard_hf(kind, full, dims, tp, rank)
     if shard.post_process:
         out["decoder.final_layernorm.weight"] = get("model.norm.weight").clone()
         # Tied embeddings in one stage: megatron's output layer reuses the embedding (no tensor of its own).
@@ -258,10 +272,10 @@ def megatron_to_hf(shards: Mapping[tuple[int, int], Mapping[str, torch.Tensor]],
             src, dst = f"decoder.layers.{local}", hf_layer(i)
             for mg, hf in _LAYER_NORMS:
                 out[f"{dst}.{hf}"] = sds[0][f"{src}.{mg}"].clone()
-            for kind in LINEARS:
-                merged = merge_to_hf(kind, [sd[f"{src}.{kind.path}.weight"] for sd in sds], dims)
+            for kind, param in layer_tensors(dims):
+                merged = merge_to_hf(kind, [sd[f"{src}.{kind.path}.{param}"] for sd in sds], dims)
                 for h, tensor in zip(kind.hf, merged):
-                    out[f"{dst}.{h}.weight"] = tensor
+                    out[f"{dst}.{h}.{param}"] = tensor
         if first.post_process:
             out["model.norm.weight"] = sds[0]["decoder.final_layernorm.weight"].clone()
             if not dims.tied:
@@ -274,7 +288,7 @@ def hf_names(dims: LlamaDims) -> list[str]:
     names = ["model.embed_tokens.weight"]
     for i in range(dims.layers):
         names += [f"{hf_layer(i)}.{hf}" for _, hf in _LAYER_NORMS]
-        names += [f"{hf_layer(i)}.{h}.weight" for kind in LINEARS for h in kind.hf]
+        names += [f"{hf_layer(i)}.{h}.{param}" for kind, param in layer_tensors(dims) for h in kind.hf]
     names.append("model.norm.weight")
     if not dims.tied:
         names.append("lm_head.weight")
@@ -287,7 +301,7 @@ def stage_hf_names(dims: LlamaDims, shard: Shard) -> Iterable[str]:
         yield "model.embed_tokens.weight"
     for i in shard.layers(dims):
         yield from (f"{hf_layer(i)}.{hf}" for _, hf in _LAYER_NORMS)
-        yield from (f"{hf_layer(i)}.{h}.weight" for kind in LINEARS for h in kind.hf)
+        yield from (f"{hf_layer(i)}.{h}.{param}" for kind, param in layer_tensors(dims) for h in kind.hf)
     if shard.post_process:
         yield "model.norm.weight"
         if not (dims.tied and shard.pre_process):

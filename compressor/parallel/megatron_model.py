@@ -1,9 +1,10 @@
 """A megatron-core GPTModel for an HF LLaMA-family model, and the parallel state it lives in.
 
 The model uses megatron's local layer spec (no Transformer Engine): RMSNorm, SwiGLU with a fused
-gate/up projection, RoPE with the config's theta, grouped-query attention, no biases, tied or
-untied embeddings, float32 on CPU. Each pipeline stage builds only its own layers; its weights are
-read from the HF folder tensor by tensor (``megatron_convert``), so no rank holds the whole model.
+gate/up projection, RoPE with the config's theta, grouped-query attention, no biases but Qwen2's
+fused QKV bias, tied or untied embeddings, float32 on CPU. Each pipeline stage builds only its own
+layers; its weights are read from the HF folder tensor by tensor (``megatron_convert``), so no rank
+holds the whole model.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def transformer_config(dims: LlamaDims, tp: int, pp: int, dtype: torch.dtype = t
         num_layers=dims.layers, hidden_size=dims.hidden, ffn_hidden_size=dims.ffn,
         num_attention_heads=dims.heads, num_query_groups=dims.kv_heads, kv_channels=dims.head_dim,
         normalization="RMSNorm", layernorm_epsilon=dims.norm_eps,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=dims.qkv_bias,
         hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,

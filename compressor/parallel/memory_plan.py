@@ -5,7 +5,7 @@ A pure calculation, per pipeline stage (every TP rank of a stage holds the same 
 - parameters: frozen weights in the weight dtype (bf16 on GPUs). Column-parallel linears split their
   output rows over TP, row-parallel ones their input columns; the vocab-parallel embedding sits on the
   first stage and the output layer on the last (megatron keeps a copy of a tied embedding there when
-  PP > 1); RMSNorm weights are replicated.
+  PP > 1); RMSNorm weights are replicated; Qwen2's q/k/v biases (never masked) split like their rows.
 - logits: C(M, N) per group of M masked weights (6 per 4 weights for 2:4), in the logits dtype; their
   gradients the same again; AdamW 2 states each, in the logits dtype (as torch keeps them).
 - soft mask: what ``compressor.methods.maskllm.mask`` keeps during a step: the float32 Gumbel-Softmax
@@ -54,6 +54,7 @@ class ModelDims:
     kv_heads: int
     vocab: int
     tied_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on q, k and v (dense, never masked)
 
     @property
     def head_dim(self) -> int:
@@ -73,9 +74,14 @@ class ModelDims:
     def masked_per_layer(self) -> int:
         return sum(o * i for o, i, _ in self.linear_shapes().values())
 
+    def bias_per_layer(self) -> int:
+        """Bias parameters of one decoder layer, all in column-parallel linears (q, k, v rows)."""
+        return self.hidden + 2 * self.kv_dim if self.qkv_bias else 0
+
     def total_params(self) -> int:
         embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-        return self.layers * (self.masked_per_layer() + 2 * self.hidden) + self.hidden + embeddings
+        per_layer = self.masked_per_layer() + self.bias_per_layer() + 2 * self.hidden
+        return self.layers * per_layer + self.hidden + embeddings
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,7 @@ def plan_memory(dims: ModelDims, setup: Setup) -> list[StageMemory]:
     stages = []
     for stage in range(p):
         first, last = stage == 0, stage == p - 1
-        params = layers * (dims.masked_per_layer() / t + 2 * h)
+        params = layers * ((dims.masked_per_layer() + dims.bias_per_layer()) / t + 2 * h)
         if first:
             params += dims.vocab * h / t
         if last:
@@ -195,18 +201,29 @@ PRESETS: dict[str, ModelDims] = {
     "smollm2-135m": ModelDims(576, 1536, 30, 9, 3, 49152, tied_embeddings=True),
     "tiny-llama": ModelDims(64, 128, 2, 4, 2, 49152),  # tests/factories.py TINY_DIMS, SmolLM2's tokenizer
     "llama2-7b": ModelDims(4096, 11008, 32, 32, 32, 32000),
+    # As loaded from their GGUF files (each has an output matrix of its own: untied).
+    "qwen2.5-coder-0.5b": ModelDims(896, 4864, 24, 14, 2, 151936, qkv_bias=True),
+    "qwen2.5-coder-1.5b": ModelDims(1536, 8960, 28, 12, 2, 151936, qkv_bias=True),
     # Nemotron-4 15B's dimensions as a LLaMA-family (SwiGLU, RMSNorm) model; Nemotron itself uses a
     # squared-ReLU MLP without the gate matrix (15.6 B parameters; this class has 20.4 B).
     "nemotron4-15b-class": ModelDims(6144, 24576, 32, 48, 8, 256000),
 }
 SOURCE_PRESETS = {"smollm2-135m": "smollm2-135m", "runs/tiny-llama": "tiny-llama",
+                  "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b": "qwen2.5-coder-1.5b",
                   "meta-llama/Llama-2-7b-hf": "llama2-7b", "meta-llama/Llama-2-7b-chat-hf": "llama2-7b"}
 
 
 def dims_from_hf_config(cfg: dict[str, Any]) -> ModelDims:
     return ModelDims(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
                      cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-                     cfg["vocab_size"], bool(cfg.get("tie_word_embeddings", False)))
+                     cfg["vocab_size"], bool(cfg.get("tie_word_embeddings", False)),
+                     qkv_bias=_has_qkv_bias(cfg.get("model_type")))
+
+
+def _has_qkv_bias(model_type: Optional[str]) -> bool:
+    from compressor.models.arch import ARCHITECTURES  # here: the models package imports torch
+
+    return model_type in ARCHITECTURES and ARCHITECTURES[model_type].qkv_bias
 
 
 def dims_for_source(source: str, preset: Optional[str] = None) -> ModelDims:

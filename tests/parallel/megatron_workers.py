@@ -47,16 +47,18 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 2
             raise TimeoutError(f"{world} megatron ranks did not finish within {timeout:.0f} s")
 
 
-def save_tiny_hf(folder: Path, tied: bool, vocab: int = 96, seed: int = 0, **dims: int) -> Path:
-    """A random tiny LLaMA (TP-friendly heads) without a tokenizer: enough for model-only tests."""
+def save_tiny_hf(folder: Path, tied: bool, vocab: int = 96, seed: int = 0, model_type: str = "llama",
+                 **dims: int) -> Path:
+    """A random tiny LLaMA (or Qwen2: with q/k/v biases) with TP-friendly heads and no tokenizer: enough
+    for model-only tests."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("llama", vocab_size=vocab, tie_word_embeddings=tied, rope_theta=5000.0,
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, tie_word_embeddings=tied, rope_theta=5000.0,
                                   **{**TINY_DIMS, "max_position_embeddings": 128, **dims})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
-        for p in model.parameters():  # norms start at exactly 1: perturb them so their mapping matters
+        for p in model.parameters():  # norms start at 1 and biases at 0: perturb them so their mapping matters
             p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(folder)
     return folder

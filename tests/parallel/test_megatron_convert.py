@@ -15,16 +15,16 @@ DIMS = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_lay
             num_key_value_heads=2, max_position_embeddings=256)
 
 
-def hf_config(**overrides):
+def hf_config(model_type: str = "llama", **overrides):
     from transformers import AutoConfig
 
-    return AutoConfig.for_model("llama", **{**DIMS, **overrides})
+    return AutoConfig.for_model(model_type, **{**DIMS, **overrides})
 
 
-def hf_state(tied: bool) -> tuple[dict[str, torch.Tensor], LlamaDims]:
+def hf_state(tied: bool, model_type: str = "llama") -> tuple[dict[str, torch.Tensor], LlamaDims]:
     from transformers import AutoModelForCausalLM
 
-    config = hf_config(tie_word_embeddings=tied)
+    config = hf_config(model_type, tie_word_embeddings=tied)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -33,10 +33,11 @@ def hf_state(tied: bool) -> tuple[dict[str, torch.Tensor], LlamaDims]:
     return state, LlamaDims.from_hf_config(config)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_hf_megatron_hf_round_trip_is_bit_exact(tied, tp, pp):
-    state, dims = hf_state(tied)
+def test_hf_megatron_hf_round_trip_is_bit_exact(tied, tp, pp, model_type):
+    state, dims = hf_state(tied, model_type)
     shards = {(t, p): hf_to_megatron(state.__getitem__, dims, Shard(tp, t, pp, p))
               for t in range(tp) for p in range(pp)}
     back = megatron_to_hf(shards, dims, tp, pp)
@@ -69,6 +70,23 @@ def test_fused_qkv_follows_megatron_query_group_layout():
         assert torch.equal(local[: r * d], q[g * r * d: (g + 1) * r * d])
         assert torch.equal(local[r * d: (r + 1) * d], k[g * d: (g + 1) * d])
         assert torch.equal(local[(r + 1) * d:], v[g * d: (g + 1) * d])
+
+
+def test_qwen2_qkv_bias_is_fused_in_the_query_group_layout_of_the_rows():
+    state, dims = hf_state(False, "qwen2")
+    assert dims.qkv_bias and not hf_state(False)[1].qkv_bias
+    q, k, v = (state[f"model.layers.1.self_attn.{n}_proj.bias"] for n in "qkv")
+    d, r = dims.head_dim, dims.q_per_group
+    for rank in range(2):
+        shard = hf_to_megatron(state.__getitem__, dims, Shard(2, rank, 1, 0))
+        bias = shard["decoder.layers.1.self_attention.linear_qkv.bias"]
+        assert bias.shape == (dims.qkv_rows // 2,)
+        assert torch.equal(bias[: r * d], q[rank * r * d: (rank + 1) * r * d])
+        assert torch.equal(bias[r * d: (r + 1) * d], k[rank * d: (rank + 1) * d])
+        assert torch.equal(bias[(r + 1) * d:], v[rank * d: (rank + 1) * d])
+        # No other linear has a bias (o_proj and the MLP are bias-free in Qwen2).
+        assert [n for n in shard if n.endswith(".bias")] == [f"decoder.layers.{i}.self_attention.linear_qkv.bias"
+                                                               for i in range(dims.layers)]
 
 
 def test_fused_fc1_is_gate_then_up_per_rank():

@@ -1,4 +1,5 @@
-"""The megatron-core GPTModel built from an HF LLaMA: same logits as HF, and its real state dict round-trips."""
+"""The megatron-core GPTModel built from an HF LLaMA (or Qwen2, with q/k/v biases): same logits as HF, and its
+real state dict round-trips."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ def hf_reference(folder: Path):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("tied,tp,pp", [(False, 1, 1), (True, 1, 1), (False, 2, 1), (True, 1, 2)],
-                         ids=["untied-tp1", "tied-tp1", "untied-tp2", "tied-pp2"])
-def test_megatron_model_matches_hf(tmp_path, tied, tp, pp):
-    folder = save_tiny_hf(tmp_path / "hf", tied)
+@pytest.mark.parametrize("model_type,tied,tp,pp", [("llama", False, 1, 1), ("llama", True, 1, 1),
+                                                   ("llama", False, 2, 1), ("llama", True, 1, 2), ("qwen2", False, 2, 1)],
+                         ids=["untied-tp1", "tied-tp1", "untied-tp2", "tied-pp2", "qwen2-tp2"])
+def test_megatron_model_matches_hf(tmp_path, model_type, tied, tp, pp):
+    folder = save_tiny_hf(tmp_path / "hf", tied, model_type=model_type)
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     run_ranks(state_dict_and_logits, tp * pp, str(folder), str(tmp_path), tp, pp, ids)
     result = torch.load(tmp_path / "result.pt", weights_only=False)
@@ -33,6 +35,7 @@ def test_megatron_model_matches_hf(tmp_path, tied, tp, pp):
     back = megatron_to_hf(result["states"], dims, tp, pp)  # the live megatron modules' tensors, merged
     reference = {k: v for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")}
     assert set(back) == set(reference)
+    assert dims.qkv_bias == (model_type == "qwen2") == any(k.endswith("q_proj.bias") for k in reference)
     for name, value in reference.items():
         assert torch.equal(back[name], value), name
     if result["logits"] is not None:

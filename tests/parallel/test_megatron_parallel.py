@@ -1,6 +1,7 @@
-"""TP=2, PP=2 and DP=2 megatron ranks learn exactly what one HF process learns: same initial logits, loss,
-logits gradients (regulariser included) and hard masks, whether a step holds one mask sample for all its
-micro-batches (``sample_every: step``) or samples per forward (``micro_batch``).
+"""TP=2, PP=2 and DP=2 megatron ranks (and a Qwen2, with q/k/v biases, at TP=2) learn exactly what one HF
+process learns: same initial logits, loss, logits gradients (regulariser included) and hard masks, whether a
+step holds one mask sample for all its micro-batches (``sample_every: step``) or samples per forward
+(``micro_batch``).
 
 The Gumbel noise is switched off on both sides for the comparison (it is drawn per shard, so layouts
 differ in it by design); the soft masks are then softmax(kappa * logits / tau) everywhere. With the noise
@@ -77,8 +78,18 @@ def test_regulariser_changes_the_reference_gradient(tiny_folder, windows, want):
 @pytest.mark.distributed
 @pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["tp2", "pp2", "dp2"])
 def test_parallel_layout_matches_single_process(tmp_path, tiny_folder, windows, want, tp, pp, dp):
+    check_layout_matches(tmp_path, tiny_folder, windows, want, tp, pp, dp)
+
+
+@pytest.mark.distributed
+def test_qwen2_with_qkv_biases_at_tp2_matches_single_process(tmp_path, windows):
+    folder = save_tiny_hf(tmp_path / "qwen2", tied=False, model_type="qwen2")
+    check_layout_matches(tmp_path, folder, windows, reference(folder, windows, LAM), 2, 1, 1)
+
+
+def check_layout_matches(tmp_path, folder, windows, want, tp, pp, dp):
     n_mb = windows.shape[0] // dp  # DP replicas split the micro-batches; the global batch is the same
-    run_ranks(masked_step, tp * pp * dp, str(tiny_folder), str(tmp_path), tp, pp, windows, n_mb, TAU, KAPPA, LAM, SEED)
+    run_ranks(masked_step, tp * pp * dp, str(folder), str(tmp_path), tp, pp, windows, n_mb, TAU, KAPPA, LAM, SEED)
     got = torch.load(tmp_path / "result.pt", weights_only=False)
 
     assert got["layout"] == (tp, pp, dp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -54,6 +55,27 @@ def test_tied_embedding_counted_once_without_pipeline():
 def test_published_parameter_counts():
     assert round(PRESETS["llama2-7b"].total_params() / 1e9, 2) == 6.74
     assert round(PRESETS["smollm2-135m"].total_params() / 1e6, 1) == 134.5
+
+
+def test_qwen2_biases_are_parameters_split_like_qkv_rows_and_never_masked():
+    biased = ModelDims(hidden=8, intermediate=16, layers=2, heads=2, kv_heads=2, vocab=10, qkv_bias=True)
+    assert biased.bias_per_layer() == 8 + 2 * 8 and SMALL.bias_per_layer() == 0
+    plain, = plan_memory(SMALL, Setup(tensor=2, seq_len=4))
+    with_bias, = plan_memory(biased, Setup(tensor=2, seq_len=4))
+    assert with_bias.parameters - plain.parameters == 2 * 24 / 2 * 2  # 2 layers x 24 biases / TP 2 x 2 B
+    assert (with_bias.masked_weights, with_bias.logits) == (plain.masked_weights, plain.logits)
+    assert biased.total_params() - SMALL.total_params() == 2 * 24
+
+
+def test_qwen_presets_count_the_gguf_files_parameters(tmp_path):
+    # Every tensor of the two GGUF files, counted from their headers (tests/models/test_real_models.py).
+    assert PRESETS["qwen2.5-coder-0.5b"].total_params() == 630_167_424
+    assert PRESETS["qwen2.5-coder-1.5b"].total_params() == 1_777_088_000
+    assert dims_for_source("qwen2.5-coder-0.5b") == PRESETS["qwen2.5-coder-0.5b"]
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": False}))
+    assert dims_for_source(str(tmp_path)) == PRESETS["qwen2.5-coder-0.5b"]
 
 
 def test_layouts_that_cannot_split_say_why():
