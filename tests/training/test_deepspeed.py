@@ -36,7 +36,7 @@ def _rank(rank: int, world: int, cfg, out: str, kill_at: int) -> None:
     import compressor.runs.learn as learn
     import compressor.training.loop as loop
 
-    real_train, real_save = learn.train_masks, loop._save
+    real_train, real_save = learn.train, loop._save
 
     def train_recording(model, *args, **kwargs):  # after deepspeed.initialize partitioned the model
         sizes = {n: [int(p.ds_numel), int(p.ds_tensor.numel())] for n, p in model.named_parameters()
@@ -49,7 +49,7 @@ def _rank(rank: int, world: int, cfg, out: str, kill_at: int) -> None:
         if step == kill_at:
             raise _Kill(f"killed after the checkpoint of step {step}")
 
-    learn.train_masks, loop._save = train_recording, save_then_die
+    learn.train, loop._save = train_recording, save_then_die
     learn._worker(rank, world, cfg, out)
 
 
