@@ -171,3 +171,17 @@ def test_megatron_trainer_refuses_other_methods():
 
     with pytest.raises(ConfigError, match="not supported by the distributed"):
         validate_config(DistributedLearnConfig, {"method": {"kind": "srste"}})
+
+
+def test_compressor_export_ships_a_trained_run_unchanged(tmp_path, tiny_llama_dir, text_file):
+    from compressor.checkpoints.load import load_compressed_model
+    from compressor.cli import main
+
+    run = tmp_path / "run"
+    run_learn(_cfg(tiny_llama_dir, text_file, "bdwp", **{"evaluation.enabled": False, "train.steps": 2}), run)
+    assert main(["export", str(run), str(tmp_path / "export"), "--shard-size", "200KB"]) == 0
+    shipped = load_compressed_model(tmp_path / "export").state_dict()
+    trained = load_model(str(run / "model")).model.state_dict()
+    assert shipped.keys() == trained.keys()
+    for name in trained:
+        assert torch.equal(shipped[name], trained[name]), name
