@@ -107,7 +107,9 @@ class DistillConfig(StrictModel):
 
     weight: float = Field(0.0, ge=0.0, le=1.0)  # 0: the next-token loss alone; 1: the KL term alone
     temperature: PositiveFloat = 1.0
-    teacher: Optional[InputPath] = None  # the teacher's model source; None: model.source as loaded (dense)
+    # the teacher's model source; None: model.source as loaded (set it to the dense model when model.source is a
+    # one-shot run's pruned model)
+    teacher: Optional[InputPath] = None
 
 
 class LearnConfig(MaskLearningConfig):
