@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(p)
     p.add_argument("--ray-address", help="join an existing Ray cluster (sets executor.address)")
 
-    p = sub.add_parser("learn", help="learn N:M masks with MaskLLM (single process or DeepSpeed)")
+    p = sub.add_parser("learn", help="sparse training (method: maskllm, fixed_mask, srste, pdp, bdwp, dense; "
+                                     "single process or DeepSpeed)")
     _config_args(p, required=True)
     _output_args(p)
 
@@ -90,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report = run_learn(_load(LearnConfig, args), args.output, args.overwrite, args.resume)
             if report is not None:
                 ppl = report.get("perplexity")
-                print(f"maskllm {report['sparsity']}: {len(report['history']['logs'])} log points"
+                print(f"{report['method']} {report['sparsity'] or 'dense'}: {len(report['history']['logs'])} log points"
                       + (f", hard-mask perplexity {ppl['perplexity']:.3f} ({ppl['windows']} windows)" if ppl else ""))
         elif args.command == "launch":
             from compressor.launch import run_from_args

@@ -87,6 +87,9 @@ class DistributedLearnConfig(MaskLearningConfig):
         if p.micro_batches is not None and t.grad_accum not in (1, p.micro_batches):
             raise ValueError(f"parallel.micro_batches={p.micro_batches} and train.grad_accum={t.grad_accum} both set "
                              "the micro-batches per step; set only one of them")
+        if self.method.kind != "maskllm":
+            raise ValueError(f"method.kind {self.method.kind!r} is not supported by the distributed (megatron) "
+                             "trainer, which learns MaskLLM masks; run it with `compressor learn` (single or deepspeed)")
         if self.maskllm.train_weights:
             raise ValueError("maskllm.train_weights is not supported by the distributed (megatron) trainer: "
                              "the weights stay frozen there; use backend deepspeed in `compressor learn` for it")

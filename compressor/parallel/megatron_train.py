@@ -50,8 +50,10 @@ from compressor.parallel.megatron_model import (
     Layout, build_gpt_model, destroy_model_parallel, init_distributed, init_model_parallel, load_hf_weights,
     open_hf_folder,
 )
+from compressor.methods.maskllm.schedules import schedule_at
 from compressor.reporting.tensorboard import TENSORBOARD_DIR, ScalarWriter
-from compressor.training.loop import log_row, schedule_at
+from compressor.training.learners.maskllm import maskllm_log_values
+from compressor.training.loop import log_row
 from compressor.utils.env import flush_denormals
 from compressor.utils.logging import get_logger
 from compressor.utils.timing import WindowClock
@@ -388,8 +390,8 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
             stats = global_mask_stats(masks, prev_argmax)
             prev_argmax = {n: m.argmax_patterns() for n, m in plain.items()}
             seconds = _max_over_ranks(clock.seconds())  # one value for every rank's history
-            row = log_row(done, tokens_per_step, window_loss / window_steps, (tau, kappa, lam), stats, seconds,
-                          window_steps)
+            row = log_row(done, tokens_per_step, window_loss / window_steps,
+                          maskllm_log_values((tau, kappa, lam), stats), seconds, window_steps)
             history["logs"].append(row)
             if rank0:
                 scalars(row, done, "train")

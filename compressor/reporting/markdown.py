@@ -46,34 +46,45 @@ def prune_report_markdown(report: Mapping[str, Any]) -> str:
 
 
 def learn_report_markdown(report: Mapping[str, Any]) -> str:
-    """The page of a mask-learning run (`compressor learn`)."""
-    logs, evals = report["history"]["logs"], report["history"]["evals"]
-    last = logs[-1] if logs else {}
-    ppl = report.get("perplexity")
-    parts = [
-        f"# {report['method']} {report['sparsity']} on {report['model']['source']}",
-        "",
-        table(["metric", "value"], [
-            ["backend", f"{report.get('backend')} x {report.get('world_size', 1)}"],
-            ["steps", last.get("step")],
-            ["training tokens", last.get("tokens")],
-            ["last training loss", last.get("loss")],
-            ["last mask flip rate", last.get("flip_rate")],
-            ["hard-mask perplexity during training", ", ".join(f"{e['perplexity']:.4g}" for e in evals) or None],
-            ["train seconds", report.get("timing", {}).get("train")],
-            ["peak RSS GiB", round(report["memory"]["peak_rss_bytes"] / 2**30, 3)],
-        ]),
+    """`compressor learn`: the method, the final model's pattern and perplexity, the training curve."""
+    flops = report.get("flops_per_micro_batch") or {}
+    logs = report["history"]["logs"]
+    steady = logs[1:] or logs  # the first window includes warm-up
+    rows = [
+        ["method", report["method"]],
+        ["sparsity", report.get("sparsity") or "dense (control)"],
+        ["backend", f"{report['backend']} x {report['world_size']}"],
+        ["training tokens", logs[-1]["tokens"] if logs else 0],
+        ["tokens / s", sum(r["tokens_per_second"] for r in steady) / len(steady) if steady else None],
+        ["N:M pattern verified", report.get("pattern_ok")],
+        ["mask change vs step 0 (fraction of weights)", report.get("mask_change_vs_start")],
+        ["linear GEMM FLOPs vs dense: forward / backward", f"{flops.get('forward_vs_dense', 1):.3g} / "
+                                                         f"{flops.get('backward_vs_dense', 1):.3g}"],
+        ["precision", _precision(report)],
+        ["peak RSS GiB", round(report["memory"]["peak_rss_bytes"] / 2**30, 3)],
     ]
+    parts = [f"# {report['method']} {report.get('sparsity') or ''} on {report['model']['source']}", "",
+             table(["metric", "value"], rows)]
+    ppl = report.get("perplexity")
     if ppl:
         note = f" ({ppl['note']})" if ppl.get("note") else ""
-        parts.append(f"\n**Perplexity, final hard mask:** {ppl['perplexity']:.3f} over {ppl['windows']} windows of "
+        parts.append(f"\n**Perplexity of the final model:** {ppl['perplexity']:.3f} over {ppl['windows']} windows of "
                      f"{ppl['window_length']}{note}")
+    evals = report["history"]["evals"]
+    if evals:
+        parts += ["", "## Hard-mask perplexity during training", "",
+                  table(["step", "tokens", "perplexity"], [[e["step"], e["tokens"], e["perplexity"]] for e in evals])]
     parts += evaluation_markdown(report)
     for plot in report.get("outputs", {}).get("plots", []):
         parts += ["", f"![{plot}]({plot})"]
     if report.get("outputs", {}).get("tensorboard"):
         parts += ["", f"Training curves for TensorBoard: `tensorboard --logdir {report['outputs']['tensorboard']}`"]
     return "\n".join(parts) + "\n"
+
+
+def _precision(report: Mapping[str, Any]) -> Any:
+    p = report.get("precision")
+    return f"compute {p['compute']}, statistics {p['statistics']} (bf16 hardware: {p['bf16_hardware']})" if p else None
 
 
 def value_pm(metric: Mapping[str, Any]) -> str:

@@ -1,7 +1,9 @@
-"""`compressor learn`: MaskLLM mask learning, single process or DeepSpeed ranks, resumable.
+"""`compressor learn`: a training method (``method:``: MaskLLM, fixed-mask fine-tuning, SR-STE, PDP, BDWP,
+or the dense control) on one process or DeepSpeed ranks, resumable.
 
-Rank 0 owns the output folder: checkpoints under ``checkpoints/``, and at the end the hard masks,
-the logits (for transfer), the masked model, the report and its plots.
+Rank 0 owns the output folder: checkpoints under ``checkpoints/``, and at the end the hard masks, the
+exact sparse model (weights x hard mask), the method's own files (MaskLLM: the logits, for transfer),
+the report and its plots.
 """
 
 from __future__ import annotations
@@ -12,28 +14,27 @@ from typing import Any, Optional
 
 import torch
 
-from compressor.checkpoints.logits import load_logits, save_logits
 from compressor.checkpoints.masks import load_masks, save_masks
 from compressor.config.base import input_paths
-from compressor.errors import ConfigError
+from compressor.errors import ConfigError, SparsityPatternError
 from compressor.execution.base import InProcessExecutor
-from compressor.methods.maskllm import (
-    attach_masks, mask_memory_bytes, prior_agreement, remove_masks, store_frozen_weights,
-)
-from compressor.methods.maskllm.gumbel import hard_mask
 from compressor.methods.registry import STATS_NEEDED
+from compressor.methods.sparse_training.flops import linear_gemm_flops
 from compressor.models.checks import assert_finite_weights
 from compressor.models.layers import prunable_linears
+from compressor.eval.runner import check_tasks_available, run_tasks
 from compressor.pipelines.sequential import OneShotPlan, prune_sequential
 from compressor.precision import log_precision
-from compressor.eval.runner import check_tasks_available, run_tasks
 from compressor.reporting.markdown import learn_report_markdown
 from compressor.reporting.plots import evaluation_plots, plot_lines
 from compressor.reporting.tensorboard import TENSORBOARD_DIR, ScalarWriter
 from compressor.runs.common import evaluate, eval_windows_for, finish_report, save_or_check_config
+from compressor.sparsity import NM, is_nm, unpack_bits
 from compressor.training.backends import Backend, DeepSpeedBackend, SingleProcessBackend
-from compressor.training.config import LearnConfig
-from compressor.training.loop import backend_grad_accum, gathered_logits, train_masks
+from compressor.training.config import USES_PRIOR, LearnConfig
+from compressor.training.learners import FinalModel, make_learner
+from compressor.training.loop import History, train
+from compressor.training.objective import Distillation, next_token
 from compressor.utils.fs import atomic_dir
 from compressor.utils.run_folder import run_folder
 from compressor.utils.logging import get_logger, setup_logging
@@ -43,9 +44,10 @@ log = get_logger(__name__)
 
 
 def prior_masks(cfg: LearnConfig, names: list[str]) -> Optional[dict[str, torch.Tensor]]:
-    """Masks to start the logits from (weight names -> bool), or None for random logits."""
+    """The prior's masks (weight names -> bool): MaskLLM's initial logits, the mask fixed-mask fine-tuning
+    trains under; None for random logits or a method that starts from the weights alone."""
     prior = cfg.prior
-    if prior.kind == "none":
+    if prior.kind == "none" or cfg.method.kind not in USES_PRIOR:
         return None
     if prior.kind == "file":
         path = Path(prior.path)
@@ -60,7 +62,7 @@ def prior_masks(cfg: LearnConfig, names: list[str]) -> Optional[dict[str, torch.
         c = prior.calibration
         windows = calibration_windows(load_token_ids(c.data, loaded.tokenizer), c.num_windows, c.seq_len, c.seed)
         options = {"sparsegpt": prior.sparsegpt, "sparseswaps": prior.sparseswaps}.get(prior.kind)
-        plan = OneShotPlan(prior.kind, cfg.maskllm.sparsity, options, prior.sparsegpt, tuple(cfg.targets),
+        plan = OneShotPlan(prior.kind, cfg.sparsity, options, prior.sparsegpt, tuple(cfg.targets),
                            tuple(cfg.ignore), c.batch_size, layer_error=False, precision=cfg.precision)
         if STATS_NEEDED[prior.kind] == "none":
             windows = windows[:0]
@@ -85,6 +87,19 @@ def make_backend(cfg: LearnConfig) -> Backend:
     return DeepSpeedBackend(cfg.deepspeed) if cfg.backend == "deepspeed" else SingleProcessBackend()
 
 
+def make_objective(cfg: LearnConfig):
+    """The next-token loss, or its mix with distillation from the teacher (default: the model as loaded)."""
+    d = cfg.distill
+    if d.weight == 0:
+        return next_token
+    from compressor.models import load_model
+
+    source = cfg.model if d.teacher is None else cfg.model.model_copy(update={"source": d.teacher})
+    teacher = load_model(source).model
+    assert_finite_weights(teacher)
+    return Distillation(teacher, d.weight, d.temperature)
+
+
 def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]:
     """Run on every rank (rank and world size come from the environment) in the run folder ``output``,
     already opened by ``run_learn``; rank 0 returns the report."""
@@ -99,27 +114,15 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
         loaded = load_model(cfg.model)
         assert_finite_weights(loaded.model)
     model, tokenizer = loaded.model, loaded.tokenizer
-    names = [f"{t.name}.weight" for t in prunable_linears(model, loaded.arch, cfg.targets, cfg.ignore)]
+    targets = prunable_linears(model, loaded.arch, cfg.targets, cfg.ignore)
+    names = [f"{t.name}.weight" for t in targets]
     with timer.phase("prior"):
         priors = None if cfg.init_logits else prior_masks(cfg, names)
-    masks = attach_masks(model, [n[: -len(".weight")] for n in names], cfg.maskllm, priors, seed=cfg.train.seed)
-    if cfg.init_logits:
-        _load_transfer_logits(masks, cfg.init_logits)
-    agreement = prior_agreement(masks, priors) if priors is not None else None
-    if agreement is not None:
-        (log.warning if agreement < 0.99 else log.info)(
-            "the initial hard mask keeps the prior's pattern in %.2f%% of groups%s", 100 * agreement,
-            "; raise maskllm.prior_strength to start from the prior itself" if agreement < 0.99 else "")
-    frozen_bf16 = cfg.precision.compute == "bfloat16" and not cfg.maskllm.train_weights
-    if frozen_bf16:
-        store_frozen_weights(model, masks, torch.bfloat16)
+    learner = make_learner(cfg, priors)
+    params = learner.attach(model, [n[: -len(".weight")] for n in names])
     log_precision(cfg.precision, "learn")
-    memory = mask_memory_bytes(masks)  # before ZeRO-3 partitions the logits (their local numel drops)
-    params = [{"params": [m.logits for m in masks.values()], "lr": cfg.maskllm.logits_lr}]
-    if cfg.maskllm.train_weights:
-        weights = [model.get_submodule(n).parametrizations.weight.original for n in masks]
-        params.append({"params": weights, "lr": cfg.maskllm.weight_lr})
-    backend.setup(model, params, backend_grad_accum(cfg.maskllm, cfg.train), cfg.train.micro_batch_size)
+    objective = make_objective(cfg)
+    backend.setup(model, params, learner.backward_calls(cfg.train.grad_accum), cfg.train.micro_batch_size)
     stream = make_stream(cfg, tokenizer, backend.rank, backend.world_size)
 
     # Only rank 0 evaluates (the others wait for it at the next gradient all-reduce), except under ZeRO-3,
@@ -131,35 +134,38 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
 
     scalars = ScalarWriter(out / TENSORBOARD_DIR) if backend.is_main else None
     with timer.phase("train"):
-        history = train_masks(model, masks, cfg.maskllm, cfg.train, stream, backend, out / "checkpoints", evaluate_fn,
-                              scalars=scalars, precision=cfg.precision)
+        history = train(model, learner, cfg.train, stream, backend, out / "checkpoints", evaluate_fn,
+                        objective=objective, scalars=scalars, precision=cfg.precision)
     if scalars is not None:
         scalars.close()
     if not (backend.is_main or backend.partitioned):  # under ZeRO-3 every rank takes part in the gathers below
         backend.close()
         return None
 
-    report: dict[str, Any] = {"method": "maskllm", "sparsity": str(cfg.maskllm.sparsity), "model": {"source": cfg.model.source},
-                              "config": cfg.model_dump(mode="json"), "precision": cfg.precision.describe(),
+    tokens = cfg.train.micro_batch_size * cfg.train.seq_len * backend.world_size  # per micro-batch of all ranks
+    report: dict[str, Any] = {"method": cfg.method.kind, "sparsity": None if cfg.sparsity is None else str(cfg.sparsity),
+                              "model": {"source": cfg.model.source}, "config": cfg.model_dump(mode="json"),
+                              "precision": cfg.precision.describe(),
                               "backend": cfg.backend, "world_size": backend.world_size,
                               "history": {"logs": history.logs, "evals": history.evals},
-                              "memory_per_masked_weight": memory, "prior_agreement": agreement}
+                              "flops_per_micro_batch": linear_gemm_flops([(t.out_features, t.in_features) for t in targets],
+                                                                         tokens, learner.gemm_densities()),
+                              **learner.report()}
     with timer.phase("save"):
-        logits = {f"{n}.weight": t.float() for n, t in gathered_logits(masks, backend).items()}
-        # the hard masks are the logits' argmax patterns: no second gather
-        hard = {name: hard_mask(t, masks[name[: -len(".weight")]].patterns) for name, t in logits.items()}
-        # ZeRO-3 keeps the masks attached (their hard mode computes the same W * hard mask for the final
-        # evaluation) and rank 0 writes the baked weights it gathers layer by layer.
-        state = _baked_state_dict(model, masks, backend) if backend.partitioned else None
-        if not backend.partitioned:
-            remove_masks(model, bake=True)
-        if frozen_bf16 and backend.is_main:  # bake the source's own float32 weights, not their bf16 copies
-            state = _rebake_from_source(model, state, hard, loaded.folder)
+        final = learner.finish(backend)
+        if learner.frozen_dtype is not None and backend.is_main:  # ship the source's weights, not their copies
+            final.state_dict = _rebake_from_source(model, final.state_dict, final.masks, loaded.folder)
         if backend.is_main:
-            save_masks(out / "masks.safetensors", hard, str(cfg.maskllm.sparsity))
-            save_logits(out / "logits.safetensors", logits, cfg.maskllm.sparsity)
+            report.update(check_final(final, cfg.sparsity, history))
+            outputs: dict[str, Any] = {"model": "model"}
+            if final.masks is not None:
+                save_masks(out / "masks.safetensors", final.masks, str(cfg.sparsity))
+                outputs["masks"] = "masks.safetensors"
+            for key, (filename, write) in final.files.items():
+                write(out / filename)
+                outputs[key] = filename
             with atomic_dir(out / "model", replace=True) as tmp:
-                model.save_pretrained(tmp, state_dict=state)
+                model.save_pretrained(tmp, state_dict=final.state_dict)
                 tokenizer.save_pretrained(tmp)
     if cfg.evaluation.enabled:
         with timer.phase("evaluate"):
@@ -172,9 +178,9 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
             evaluated = load_model(cfg.model.model_copy(update={"source": str(out / "model")})).model \
                 if backend.partitioned and cfg.evaluation.harness_specs else model
             report["evaluation"] = run_tasks(evaluated, tokenizer, cfg.evaluation, report.get("perplexity"))
-    report["outputs"] = {"model": "model", "masks": "masks.safetensors", "logits": "logits.safetensors",
-                         "plots": _plots(out, history) + [str(p) for p in evaluation_plots(out, report)],
-                         "tensorboard": TENSORBOARD_DIR}
+    outputs["plots"] = _plots(out, history, cfg.method.kind) + [str(p) for p in evaluation_plots(out, report)]
+    outputs["tensorboard"] = TENSORBOARD_DIR
+    report["outputs"] = outputs
     report["timing"] = timer.as_dict()
     finish_report(out, report, learn_report_markdown)
     backend.close()
@@ -182,14 +188,14 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
 
 
 @torch.no_grad()
-def _rebake_from_source(model: torch.nn.Module, state: Optional[dict[str, torch.Tensor]], hard: dict[str, torch.Tensor],
+def _rebake_from_source(model: torch.nn.Module, state: Optional[dict[str, torch.Tensor]], masks: dict[str, torch.Tensor],
                         folder: Path) -> Optional[dict[str, torch.Tensor]]:
-    """Masked weights = the source folder's weights x hard mask, in the source dtype (a run whose frozen
-    weights were held in bf16 must not ship bf16-rounded weights); into ``state`` if given, else the model."""
+    """Masked weights = the source folder's weights x hard mask, in the source dtype (frozen weights held
+    in bf16 for training must not ship bf16-rounded); into ``state`` if given, else into the model."""
     from compressor.models.lazy import WeightStore
 
     store = WeightStore(folder)
-    for name, mask in hard.items():
+    for name, mask in masks.items():
         weight = store.get(name)
         baked = weight * mask.to(weight.dtype)
         if state is not None:
@@ -199,53 +205,37 @@ def _rebake_from_source(model: torch.nn.Module, state: Optional[dict[str, torch.
     return state
 
 
-@torch.no_grad()
-def _baked_state_dict(model: torch.nn.Module, masks: dict[str, Any], backend: Backend) -> Optional[dict[str, torch.Tensor]]:
-    """The model's state dict with each masked weight = W * hard mask, gathered one module at a time
-    (every rank takes part); rank 0 gets it on the CPU, the others None."""
-    from torch.nn.utils.parametrize import ParametrizationList
-
-    from compressor.methods.maskllm.mask import NMMaskParametrization
-
-    state: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (ParametrizationList, NMMaskParametrization)):
-            continue  # read through the linear that owns them
-        prefix = f"{name}." if name else ""
-        own = dict(module.named_parameters(recurse=False))  # a parametrized weight is not among them
-        mask = masks.get(name)
-        extra = [module.parametrizations.weight.original, mask.logits] if mask is not None else []
-        with backend.gathered(list(own.values()) + extra):
-            if not backend.is_main:
-                continue
-            for key, p in own.items():
-                state[prefix + key] = p.detach().cpu().clone()
-            for key, b in module.named_buffers(recurse=False):
-                if key not in module._non_persistent_buffers_set:
-                    state[prefix + key] = b.detach().cpu().clone()
-            if mask is not None:
-                weight = extra[0]
-                state[prefix + "weight"] = (weight * mask.hard_mask().to(weight.dtype)).cpu()
-    return state if backend.is_main else None
+def check_final(final: FinalModel, sparsity, history: History) -> dict[str, Any]:
+    """Check the masks' pattern (N:M exactly; unstructured: the density) and measure their change from
+    step 0: the report's ``pattern_ok`` and ``mask_change_vs_start`` (fraction of weights whose bit flipped)."""
+    if final.masks is None:
+        return {"pattern_ok": None, "mask_change_vs_start": None}
+    if isinstance(sparsity, NM):
+        bad = [n for n, m in final.masks.items() if not is_nm(m, sparsity)]
+        if bad:
+            raise SparsityPatternError(f"the final masks break the {sparsity} pattern in {len(bad)} layers, e.g. {bad[0]}")
+    changed = total = 0
+    for name, mask in final.masks.items():
+        if history.start_masks is not None and name in history.start_masks:
+            changed += int((unpack_bits(history.start_masks[name], mask.shape[-1]) != mask).sum())
+        total += mask.numel()
+    kept = sum(int(m.sum()) for m in final.masks.values())
+    change = changed / max(total, 1) if history.start_masks is not None else None
+    return {"pattern_ok": True if isinstance(sparsity, NM) else None, "density": kept / max(total, 1),
+            "mask_change_vs_start": change}
 
 
-def _load_transfer_logits(masks: dict[str, Any], path: str) -> None:
-    logits = load_logits(Path(path) / "logits.safetensors" if Path(path).is_dir() else path)
-    for name, m in masks.items():
-        key = f"{name}.weight"
-        if key not in logits:
-            raise ConfigError(f"init_logits {path} has no logits for {key}")
-        m.load_logits(logits[key], what=key)
-
-
-def _plots(out: Path, history) -> list[str]:
+def _plots(out: Path, history: History, kind: str) -> list[str]:
     plots = []
-    if history.logs:
-        plots.append(plot_lines({"training loss": [(r["tokens"], r["loss"]) for r in history.logs]},
-                                out / "plots" / "loss.png", "MaskLLM training loss", "training tokens", "LM loss"))
-        plots.append(plot_lines({"mask flip rate": [(r["tokens"], r["flip_rate"]) for r in history.logs],
-                                 "mean max prob": [(r["tokens"], r["max_prob"]) for r in history.logs]},
-                                out / "plots" / "mask_stats.png", "Mask convergence", "training tokens", "fraction"))
+    logs = history.logs
+    if logs:
+        plots.append(plot_lines({"training loss": [(r["tokens"], r["loss"]) for r in logs]},
+                                out / "plots" / "loss.png", f"{kind}: training loss", "training tokens", "LM loss"))
+        stats = {label: [(r["tokens"], r[key]) for r in logs if key in r]
+                 for key, label in (("flip_rate", "mask flip rate"), ("max_prob", "mean max prob"))}
+        if any(stats.values()):
+            plots.append(plot_lines(stats, out / "plots" / "mask_stats.png", "Mask convergence", "training tokens",
+                                    "fraction"))
     if history.evals:
         plots.append(plot_lines({"hard-mask perplexity": [(r["tokens"], r["perplexity"]) for r in history.evals]},
                                 out / "plots" / "perplexity.png", "Perplexity of the hard mask", "training tokens",

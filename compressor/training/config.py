@@ -1,10 +1,10 @@
-"""The `compressor learn` config: MaskLLM mask learning on a streamed corpus."""
+"""The `compressor learn` config: a training method (``method:``) on a streamed corpus."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from compressor.calibration.config import CalibrationConfig
 from compressor.config.base import InputPath, StrictModel
@@ -12,6 +12,9 @@ from compressor.data.config import DatasetConfig
 from compressor.eval.config import EvalConfig
 from compressor.methods.maskllm.config import MaskLLMConfig
 from compressor.methods.registry import SparseGPTOptions, SparseSwapsOptions
+from compressor.methods.sparse_training.config import (
+    BDWPMethod, DenseMethod, FixedMaskMethod, PDPMethod, SRSTEMethod,
+)
 from compressor.models.config import ModelConfig
 from compressor.precision import Precision
 from compressor.training.backends import DeepSpeedConfig
@@ -53,10 +56,27 @@ class TrainConfig(StrictModel):
     keep_checkpoints: PositiveInt = 2
 
 
+class MaskLLMMethod(StrictModel):
+    """MaskLLM: learned N:M masks (options in the ``maskllm:`` section; ``maskllm.train_weights`` also
+    trains the weights)."""
+
+    kind: Literal["maskllm"] = "maskllm"
+
+
+# The training method, chosen by ``kind``; without a method section, MaskLLM (as every earlier config).
+MethodConfig = Annotated[
+    Union[MaskLLMMethod, FixedMaskMethod, SRSTEMethod, PDPMethod, BDWPMethod, DenseMethod],
+    Field(discriminator="kind"),
+]
+# Methods that read ``prior`` (the mask they start from); the others take their start from model.source.
+USES_PRIOR = ("maskllm", "fixed_mask")
+
+
 class MaskLearningConfig(StrictModel):
     """What every mask-learning run shares, whichever trainer runs it."""
 
     model: ModelConfig = ModelConfig()
+    method: MethodConfig = MaskLLMMethod()
     maskllm: MaskLLMConfig = MaskLLMConfig()
     init_logits: Optional[InputPath] = None  # transfer: logits.safetensors of an earlier run (overrides the prior)
     targets: list[str] = [".*"]  # regexes on linear names
@@ -67,6 +87,34 @@ class MaskLearningConfig(StrictModel):
     # (logits, optimizer state, the logits' gradient and trained weights stay float32)
     precision: Precision = Precision()
 
+    @property
+    def sparsity(self):
+        """The sparsity the run ends with (MaskLLM's is ``maskllm.sparsity``; the dense control has none)."""
+        if self.method.kind == "maskllm":
+            return self.maskllm.sparsity
+        return getattr(self.method, "sparsity", None)
+
+    @model_validator(mode="after")
+    def _sections_of_the_method(self) -> "MaskLearningConfig":
+        if self.method.kind != "maskllm":
+            if self.maskllm != MaskLLMConfig():  # the defaults are what a saved config.yaml holds
+                raise ValueError(f"the maskllm section applies to method.kind maskllm only (method.kind is "
+                                 f"{self.method.kind!r}): remove it, or set method.kind: maskllm")
+            if self.init_logits is not None:
+                raise ValueError(f"init_logits (MaskLLM logits to start from) does not apply to method.kind "
+                                 f"{self.method.kind!r}; remove it")
+        return self
+
+
+class DistillConfig(StrictModel):
+    """Knowledge distillation: loss = (1 - weight) x next-token loss + weight x T^2 KL(teacher || model)."""
+
+    weight: float = Field(0.0, ge=0.0, le=1.0)  # 0: the next-token loss alone; 1: the KL term alone
+    temperature: PositiveFloat = 1.0
+    # the teacher's model source; None: model.source as loaded (set it to the dense model when model.source is a
+    # one-shot run's pruned model)
+    teacher: Optional[InputPath] = None
+
 
 class LearnConfig(MaskLearningConfig):
     """`compressor learn`: one process, or DeepSpeed data-parallel ranks."""
@@ -74,13 +122,30 @@ class LearnConfig(MaskLearningConfig):
     prior: PriorConfig = PriorConfig()
     backend: Literal["single", "deepspeed"] = "single"
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    distill: DistillConfig = DistillConfig()
+
+    @model_validator(mode="after")
+    def _prior_of_the_method(self) -> "LearnConfig":
+        kind = self.method.kind
+        if kind not in USES_PRIOR and self.prior != PriorConfig():  # the defaults: what a saved config.yaml holds
+            raise ValueError(f"prior does not apply to method.kind {kind!r}, which starts from the weights of "
+                             "model.source (to start from a one-shot run, set model.source to its model/ folder); "
+                             "remove the prior section")
+        if kind == "fixed_mask" and self.prior.kind == "none":
+            raise ValueError("method.kind fixed_mask trains under a given mask: set prior.kind to a one-shot "
+                             "method or to file (with prior.path: a `compressor prune` run folder or masks.safetensors)")
+        if kind != "maskllm" and self.backend == "deepspeed" and self.deepspeed.zero_stage == 3:
+            raise ValueError(f"deepspeed.zero_stage 3 is supported for method.kind maskllm only; method.kind "
+                             f"{kind!r} runs with zero_stage 0, 1 or 2")
+        return self
 
     @model_validator(mode="after")
     def _zero3_samples_per_micro_batch(self) -> "LearnConfig":
         # ZeRO-3 partitions weights and logits; DeepSpeed gathers them only around a module's forward. A sample
         # held for a whole step is drawn outside the forward, and its surrogate backward would need every
         # layer's weights and logits gathered at once, defeating the partitioning.
-        if self.backend == "deepspeed" and self.deepspeed.zero_stage == 3 and self.maskllm.sample_every != "micro_batch":
+        if (self.method.kind == "maskllm" and self.backend == "deepspeed" and self.deepspeed.zero_stage == 3
+                and self.maskllm.sample_every != "micro_batch"):
             raise ValueError("deepspeed.zero_stage 3 needs maskllm.sample_every: micro_batch: ZeRO-3 partitions the "
                              "weights and mask logits, and the sample held for a whole step (sample_every: step, "
                              "the default) is drawn outside the model's forward, where they are not gathered; "

@@ -67,3 +67,24 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sparsity" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+LEARN_CONFIGS = sorted((ROOT / "configs" / "learn").glob("*.yaml"))
+DISTRIBUTED_CONFIGS = sorted((ROOT / "configs" / "distributed").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", LEARN_CONFIGS, ids=lambda p: p.name)
+def test_shipped_learn_configs_validate(path):
+    from compressor.training.config import LearnConfig
+
+    cfg = load_config(LearnConfig, path)
+    assert cfg.sparsity == NM(2, 4)
+    assert cfg.method.kind == {"srste.yaml": "srste", "pdp.yaml": "pdp", "bdwp.yaml": "bdwp",
+                               "fixed_mask.yaml": "fixed_mask"}.get(path.name, "maskllm")
+
+
+@pytest.mark.parametrize("path", DISTRIBUTED_CONFIGS, ids=lambda p: p.name)
+def test_shipped_distributed_configs_validate(path):
+    from compressor.parallel.config import DistributedLearnConfig
+
+    assert load_config(DistributedLearnConfig, path).method.kind == "maskllm"

@@ -34,3 +34,8 @@ class Schedule(StrictModel):
             # Half a cosine: flat at both ends, fastest change mid-run.
             frac = 0.5 * (1.0 - math.cos(math.pi * frac))
         return self.start + (self.end - self.start) * frac
+
+
+def schedule_at(cfg, step: int, total: int) -> tuple[float, float, float]:
+    """(tau, kappa, lambda) of a ``MaskLLMConfig`` for ``step`` of ``total``."""
+    return cfg.tau.value_at(step, total), cfg.kappa.value_at(step, total), cfg.regularizer.value_at(step, total)
