@@ -333,7 +333,8 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
 
     folder = _model_folder(cfg)
     _, dims, get = open_hf_folder(folder)
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    # megatron runs without autocast: bf16 products mean a bf16 model (the logits stay float32)
+    dtype = torch.bfloat16 if "bfloat16" in (cfg.model.dtype, cfg.precision.compute) else torch.float32
     model = build_gpt_model(dims, layout, dtype)
     load_hf_weights(model, get, dims, layout)
     masks = attach_sharded_masks(model, dims, layout, mcfg, seed=t.seed, priors=_priors(cfg),
@@ -433,7 +434,7 @@ def _finish(cfg: DistributedLearnConfig, out: Path, folder: Path, masks: MaskSet
     _link_model(out, folder)
     report: dict[str, Any] = {
         "method": "maskllm", "sparsity": str(nm), "model": {"source": cfg.model.source},
-        "config": cfg.model_dump(mode="json"), "backend": "megatron",
+        "config": cfg.model_dump(mode="json"), "precision": cfg.precision.describe(), "backend": "megatron",
         "parallel": {"tensor": layout.tp_size, "pipeline": layout.pp_size, "data": layout.dp_size,
                      "world_size": dist.get_world_size(), "micro_batches": cfg.num_microbatches},
         "history": history,
