@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(p)
     p.add_argument("--ray-address", help="join an existing Ray cluster (sets executor.address)")
 
+    p = sub.add_parser("search", help="per-layer sparsity levels at an exact average: MSP (Fisher-seeded evolution), "
+                                      "EvoPress-style, OWL and uniform; writes plan files")
+    _config_args(p, required=True)
+    _output_args(p)
+    p.add_argument("--evaluate", action="store_true", help="perplexity of every plan (sets evaluation.enabled)")
+    p.add_argument("--ray-address", help="join an existing Ray cluster (sets executor.address)")
+
     p = sub.add_parser("learn", help="sparse training (method: maskllm, fixed_mask, srste, pdp, bdwp, dense; "
                                      "single process or DeepSpeed)")
     _config_args(p, required=True)
@@ -84,6 +91,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.overrides.append(f"executor.address={args.ray_address}")
             report = run_prune(_load(PruneConfig, args), args.output, args.overwrite, args.resume)
             _summary(report)
+        elif args.command == "search":
+            from compressor.runs.search import SearchConfig, run_search
+
+            if args.ray_address:
+                args.overrides.append(f"executor.address={args.ray_address}")
+            if args.evaluate:
+                args.overrides.append("evaluation.enabled=true")
+            report = run_search(_load(SearchConfig, args), args.output, args.overwrite, args.resume)
+            for key, s in report["searches"].items():
+                ppl = (s.get("perplexity") or {}).get("perplexity")
+                print(f"{key}: fitness {s['final_fitness']:.5f}, {s['evaluations']} evaluations, average "
+                      f"{s['average']:.6f}" + (f", perplexity {ppl:.3f}" if ppl else "") + f" -> {s['plan']}")
         elif args.command == "learn":
             from compressor.runs.learn import run_learn
             from compressor.training.config import LearnConfig

@@ -1,4 +1,6 @@
-"""Mixed-sparsity search (issue 16), the pure parts: Fisher-trace sensitivities (``fisher``), level sets
+"""Mixed-sparsity search (issue 16). The pure parts: Fisher-trace sensitivities (``fisher``), level sets
 and the exact-average search space (``levels``, ``repair``), evolutionary operators and multi-step
 selection (``evolution``), OWL's outlier-weighted allocation (``owl``) and fitness from logits
-(``fitness``). Nothing here schedules work or touches files; the search command composes these."""
+(``fitness``). The parts that do work, composed by ``compressor.runs.search``: the level database on disk
+(``database``), fitness jobs on an executor (``scoring``), the checkpointed generation loop (``loop``),
+the config (``config``) and the report (``report``)."""
