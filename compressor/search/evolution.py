@@ -92,7 +92,7 @@ def breed(population: Sequence[Candidate], space: SearchSpace, rng: np.random.Ge
     One parent and no crossover is EvoPress's (1 + lambda) step. Fewer only if the space is that small."""
     population = [np.asarray(p, dtype=np.int64) for p in population]
     seen, out = {p.tobytes() for p in population}, []
-    for _ in range(max_tries):
+    for _ in range(max_tries if count > 0 else 0):  # count 0: a population of one is just its seed
         if len(population) > 1 and rng.random() < crossover_rate:
             i, j = rng.choice(len(population), size=2, replace=False)
             parent = crossover(population[i], population[j], space, rng)

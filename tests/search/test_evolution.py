@@ -124,6 +124,7 @@ def test_seed_population_is_the_seed_and_distinct_perturbed_copies():
     population = seed_population(space, k, 8, rng)
     assert np.array_equal(population[0], k) and len({p.tobytes() for p in population}) == 8
     assert all(space.is_exact(p) for p in population)
+    assert len(seed_population(space, k, 1, rng)) == 1  # EvoPress's single parent: no copies
 
 
 def test_keep_best_is_stable_and_ranks_nan_last():
