@@ -133,11 +133,15 @@ def _sensitivity(model, space: SearchSpace, windows, cfg: SearchConfig, out: Pat
     return layers
 
 
+def _distinct(candidates: list[Candidate]) -> int:
+    return len({c.tobytes() for c in candidates})  # what scoring them costs: equal candidates are scored once
+
+
 def _one_shot(scorer: Scorer, candidates: list[Candidate], fixed) -> dict[str, Any]:
     start = time.perf_counter()
     fitness = scorer.score_fixed(candidates, fixed)
-    return {"final_fitness": fitness[0], "evaluations": len(candidates),
-            "tokens": len(candidates) * sum(t for _, t in fixed), "seconds": time.perf_counter() - start,
+    return {"final_fitness": fitness[0], "evaluations": _distinct(candidates),
+            "tokens": _distinct(candidates) * sum(t for _, t in fixed), "seconds": time.perf_counter() - start,
             "history": []}
 
 
@@ -164,8 +168,8 @@ def _owl(space: SearchSpace, db: Database, cfg: SearchConfig, scorer: Scorer, fi
     i = int(np.argmin(fitness))
     grid = [{"m": s.m, "lambda": s.lam, "fitness": v} for s, v in zip(settings, fitness) if s is not None]
     chosen = settings[i]
-    return candidates[i], {"final_fitness": fitness[i], "evaluations": len(candidates),
-                           "tokens": len(candidates) * sum(t for _, t in fixed),
+    return candidates[i], {"final_fitness": fitness[i], "evaluations": _distinct(candidates),
+                           "tokens": _distinct(candidates) * sum(t for _, t in fixed),
                            "seconds": time.perf_counter() - start, "history": [], "grid": grid,
                            "chosen": None if chosen is None else {"m": chosen.m, "lambda": chosen.lam}}
 
