@@ -88,3 +88,16 @@ def test_shipped_distributed_configs_validate(path):
     from compressor.parallel.config import DistributedLearnConfig
 
     assert load_config(DistributedLearnConfig, path).method.kind == "maskllm"
+
+
+SEARCH_CONFIGS = sorted((ROOT / "configs" / "search").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SEARCH_CONFIGS, ids=lambda p: p.name)
+def test_shipped_search_configs_validate(path):
+    from compressor.search.config import SearchConfig
+
+    cfg = load_config(SearchConfig, path)
+    assert len(cfg.level_set) >= 2 and cfg.fitness.seed != cfg.calibration.seed
+    assert cfg.calibration.data.source.endswith("wiki.valid.tokens")
+    assert cfg.evaluation.data.source.endswith("wiki.test.raw") and not cfg.evaluation.enabled  # `--evaluate`
