@@ -32,7 +32,7 @@ from compressor.search.loop import evolve
 from compressor.search.owl import owl_grid, owl_levels
 from compressor.search.repair import RepairError, snap
 from compressor.search.report import plot_fitness, plot_levels, plot_sensitivity, search_markdown
-from compressor.search.scoring import Scorer, ScoringSpec, all_tokens, assembler, final_hidden
+from compressor.search.scoring import Scorer, ScoringSpec, all_tokens, assembler, final_hidden, forget_models
 from compressor.sparsity.plan import layer_shapes, level_sparsity
 from compressor.utils.fs import atomic_write_json, read_json
 from compressor.utils.logging import get_logger
@@ -58,6 +58,7 @@ def _search(cfg: SearchConfig, out: Path, on_generation) -> dict[str, Any]:
     from compressor.models import load_model
 
     timer = PhaseTimer()
+    forget_models()
     with timer.phase("load"):
         loaded = load_model(cfg.model)
     model, arch = loaded.model, loaded.arch
@@ -108,12 +109,14 @@ def _search(cfg: SearchConfig, out: Path, on_generation) -> dict[str, Any]:
                         best[key], results[key] = _evolve(name, seed, space, sensitivity, uniform, scorer, cfg,
                                                           fixed, out, on_generation)
         del hidden
+    loaded.model = model = None  # the dense model's work is done; evaluation assembles its own
     for key, cand in best.items():
         results[key].update(_write_plan(space, cand, shapes, out / "plans" / f"{key}.yaml"))
         results[key]["plan"] = f"plans/{key}.yaml"
     if cfg.evaluation.enabled:
         with timer.phase("evaluate"):
             report["evaluation"] = _evaluate(cfg, loaded.tokenizer, spec, best, results)
+    forget_models()
     report["searches"] = results
     report["spread"] = _spread(results, cfg)
     report["seeding"] = _seeding_gain(results, cfg)

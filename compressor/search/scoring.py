@@ -62,6 +62,11 @@ class Assembler:
 _CACHE: dict[ScoringSpec, Assembler] = {}
 
 
+def forget_models() -> None:
+    """Drop this process's assembled model (a new run may rebuild a database at the same path)."""
+    _CACHE.clear()
+
+
 def assembler(spec: ScoringSpec) -> Assembler:
     if spec not in _CACHE:
         _CACHE.clear()  # one model per process
