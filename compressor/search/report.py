@@ -64,15 +64,18 @@ def plot_levels(sparsity: Mapping[str, float], sensitivity: Optional[Mapping[str
 
 
 def plot_fitness(searches: Mapping[str, Mapping[str, Any]], path: Path, kind: str) -> Path:
-    """Fitness on the fixed windows against fitness evaluations; one-shot baselines as horizontal lines."""
+    """Fitness on the fixed windows against fitness evaluations (from the seed at 0); one-shot baselines as
+    horizontal lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, s in searches.items():
+    for i, (name, s) in enumerate(searches.items()):
         history = s.get("history") or []
         if history:
-            ax.plot([h["evaluations"] for h in history], [h["fitness"] for h in history], marker=".", label=name)
+            points = [(0, s["seed_fitness"])] + [(h["evaluations"], h["fitness"]) for h in history]
+            ax.plot(*zip(*points), marker=".", color=f"C{i}", label=name)
         else:
-            ax.axhline(s["final_fitness"], linestyle="--", linewidth=1, label=f"{name} ({s['evaluations']} evaluations)")
+            ax.axhline(s["final_fitness"], linestyle="--", linewidth=1, color=f"C{i}",
+                       label=f"{name} ({s['evaluations']} evaluations)")
     ax.set_yscale("log")
     ax.set_xlabel("fitness evaluations")
     ax.set_ylabel("KL to dense (fixed calibration windows)" if kind == "kl" else "perplexity (calibration)")
