@@ -90,6 +90,7 @@ def _search(cfg: SearchConfig, out: Path, on_generation) -> dict[str, Any]:
         report["database"] = {"root": "database", "solved": built.solved, "skipped": built.skipped}
         with timer.phase("dense"):
             hidden = final_hidden(model, fit_ids, f.batch_size, cfg.precision) if f.kind == "kl" else None
+        loaded.model = model = None  # the dense model's work is done; scoring assembles its own
         spec = ScoringSpec(cfg.model, db, space.names, f.kind, cfg.precision, f.batch_size)
         scorer = Scorer(executor, spec, fit_ids, hidden, f.windows_per_job)
         fixed = all_tokens(cfg.final_windows, f.seq_len)
@@ -109,7 +110,6 @@ def _search(cfg: SearchConfig, out: Path, on_generation) -> dict[str, Any]:
                         best[key], results[key] = _evolve(name, seed, space, sensitivity, uniform, scorer, cfg,
                                                           fixed, out, on_generation)
         del hidden
-    loaded.model = model = None  # the dense model's work is done; evaluation assembles its own
     for key, cand in best.items():
         results[key].update(_write_plan(space, cand, shapes, out / "plans" / f"{key}.yaml"))
         results[key]["plan"] = f"plans/{key}.yaml"
