@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
-import torch
 
 from compressor.checkpoints.tree import load_tree, save_tree, tree_exists
 from compressor.search.config import EvolutionConfig
@@ -39,13 +38,15 @@ class SearchState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per generation
 
     def to_tree(self) -> dict[str, Any]:
-        return {"population": torch.from_numpy(np.stack(self.population)), "rng_state": self.rng_state,
+        # plain lists, no tensors: the JSON file alone is the checkpoint, replaced in one atomic rename (a kill
+        # between writing a tree's tensors and its JSON would pair one generation's population with another's rng)
+        return {"population": [p.tolist() for p in self.population], "rng_state": self.rng_state,
                 "generation": self.generation, "evaluations": self.evaluations, "tokens": self.tokens,
                 "seconds": self.seconds, "history": self.history}
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> "SearchState":
-        population = [row.numpy().astype(np.int64) for row in tree["population"]]
+        population = [np.asarray(row, dtype=np.int64) for row in tree["population"]]
         return cls(population, tree["rng_state"], tree["generation"], tree["evaluations"], tree["tokens"],
                    tree["seconds"], tree["history"])
 
