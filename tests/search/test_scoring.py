@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from compressor.data import calibration_windows, load_token_ids
 from compressor.execution.base import ExecutorConfig, InProcessExecutor, make_executor
@@ -51,4 +52,9 @@ def test_ray_and_in_process_scoring_agree(tmp_path, tiny_llama_dir, text_file):
         torch.set_num_threads(threads)
     with make_executor(ExecutorConfig(kind="ray", num_cpus=2, object_store_mb=500)) as executor:
         remote = Scorer(executor, spec, ids, hidden, windows_per_job=2).score(pool, picks)
+        _, _, ray_db, built = tiny_database(tmp_path / "ray-db", tiny_llama_dir, text_file, "sparsegpt", LEVELS, executor)
     assert remote == local
+    assert built.solved == 14 * len(LEVELS)  # the database built by Ray tasks holds the same entries
+    for path in (tmp_path / "db").rglob("*.safetensors"):
+        a, b = load_file(str(path)), load_file(str(tmp_path / "ray-db" / path.relative_to(tmp_path / "db")))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path
