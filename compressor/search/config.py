@@ -93,7 +93,8 @@ class SearchConfig(StrictModel):
     # "1:8".."6:8", 0.3..: one kind, equally spaced; or {start, stop, step} for unstructured fractions
     levels: Union[LevelRange, list[Union[str, float]]]
     target: float = Field(gt=0, lt=1)  # parameter-weighted average sparsity of every plan
-    seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0], min_length=1)  # one run of each evolutionary search per seed
+    # one run of each evolutionary search per seed (the database and Fisher traces are shared)
+    seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0], min_length=1)
     targets: list[str] = [".*"]
     ignore: list[str] = []
     calibration: CalibrationConfig = CalibrationConfig()  # the level database's statistics and Fisher's windows

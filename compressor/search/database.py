@@ -7,11 +7,11 @@ continues with the missing entries only:
 - ``<level>.safetensors``: ``mask`` bit-packed (``sparsity.bitpack``) and, for methods that change the
   kept weights (SparseGPT), ``values``: the kept weights in row-major order, float32. float32 because the
   search ranks candidates whose KL differ in the third digit; bf16 would move every kept weight by up to
-  0.4%, float16 by 0.05%, and the database is then not the model prune would build. Storing only the
+  0.4%, float16 by 0.05%, and the assembled model would no longer be what the method computed. Storing only the
   kept values costs (1 - s) of a dense float32 tensor: ~1.1 GB for SmolLM2 at 0.5..0.9.
 - Wanda: ``wanda-rank.safetensors``, each weight's rank by score within its row (unstructured) or its
-  group of M (N:M), int16 (int32 for rows of 32768 or more). Level masks are nested: a level keeps the weights whose rank clears its cut,
-  so there is one score per layer and no solve per level.
+  group of M (N:M), int16 (int32 for rows of 32768 or more). Level masks are nested: a level keeps the
+  weights whose rank clears its cut, so there is one score per layer and no solve per level.
 ``owl.json`` holds each block's outlier ratios of the Wanda scores (OWL's input), from the same pass.
 """
 
@@ -153,7 +153,8 @@ def build_database(model: nn.Module, arch: DecoderArch, targets: list[LinearTarg
             stats_h = executor.put(group_stats)
             weights_h = executor.put([block.get_submodule(t.rel).weight.detach() for t in ts])
             if db.nested:
-                submitted.append((executor.submit(wanda_ranks, weights_h, stats_h, levels_m), [t.name for t in ts], None))
+                ranks = executor.submit(wanda_ranks, weights_h, stats_h, levels_m)
+                submitted.append((ranks, [t.name for t in ts], None))
                 continue
             jobs = {k: [LayerJob(f"{t.name}.weight", db.method, db.levels[k], options, sparsegpt_options) for t in ts]
                     for k in todo}

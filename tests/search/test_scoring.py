@@ -52,7 +52,7 @@ def test_ray_and_in_process_scoring_agree(tmp_path, tiny_llama_dir, text_file):
         torch.set_num_threads(threads)
     with make_executor(ExecutorConfig(kind="ray", num_cpus=2, object_store_mb=500)) as executor:
         remote = Scorer(executor, spec, ids, hidden, windows_per_job=2).score(pool, picks)
-        _, _, ray_db, built = tiny_database(tmp_path / "ray-db", tiny_llama_dir, text_file, "sparsegpt", LEVELS, executor)
+        built = tiny_database(tmp_path / "ray-db", tiny_llama_dir, text_file, "sparsegpt", LEVELS, executor)[3]
     assert remote == local
     assert built.solved == 14 * len(LEVELS)  # the database built by Ray tasks holds the same entries
     for path in (tmp_path / "db").rglob("*.safetensors"):
