@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -62,20 +62,23 @@ class Database:
         ks = [0] if self.nested else range(len(self.levels))
         return [(n, k) for n in names for k in ks if not self.entry(n, k).is_file()]
 
-    def weight(self, name: str, k: int, dense: torch.Tensor) -> torch.Tensor:
-        """The pruned (out, in) weight of layer ``name`` at level ``k``, in ``dense``'s dtype."""
+    def weight(self, name: str, k: int, base: torch.Tensor,
+               dense: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+        """The pruned weight of layer ``name`` at level ``k``, of ``base``'s shape and dtype. ``dense()`` gives
+        the layer's dense weight (default: ``base`` is it); called only for entries without values, so a
+        caller holding SparseGPT's entries needs no dense copy."""
         from safetensors.torch import load_file
 
         data = load_file(str(self.entry(name, k)))
+        dense = dense or (lambda: base)
         if self.nested:
-            mask = nested_mask(data["rank"], self.levels[k])
-            return dense * mask
-        mask = unpack_bits(data["mask"], dense.shape[1])
+            return dense() * nested_mask(data["rank"], self.levels[k])
+        mask = unpack_bits(data["mask"], base.shape[1])
         if "values" not in data:
-            return dense * mask
-        out = torch.zeros(dense.shape, dtype=torch.float32)
+            return dense() * mask
+        out = torch.zeros(base.shape, dtype=torch.float32)
         out[mask] = data["values"]
-        return out.to(dense.dtype)
+        return out.to(base.dtype)
 
 
 def score_ranks(scores: torch.Tensor, levels_m: Optional[int]) -> torch.Tensor:

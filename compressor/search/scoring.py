@@ -9,7 +9,8 @@ them. The dense *logits* are not cached: 64 x 512 x 49152 float32 logits are 6.4
 
 Each worker process keeps one assembled model (a module-level cache: Ray workers are long-lived) and
 knows which level every layer holds, so a candidate that differs from the previous one in a few layers
-(a mutant) reloads only those layers from the database.
+(a mutant) reloads only those layers from the database. Dense copies are kept only for mask-only entries
+(Wanda, magnitude): SparseGPT's entries hold their values, which saves a copy of every linear per worker.
 """
 
 from __future__ import annotations
@@ -48,13 +49,22 @@ class Assembler:
         self.spec = spec
         self.model = load_model(spec.model).model
         self.linears = {n: self.model.get_submodule(n) for n in spec.names}
-        self.dense = {n: m.weight.detach().clone() for n, m in self.linears.items()}
+        self.dense: dict[str, torch.Tensor] = {}  # copies kept only for entries that hold masks alone
         self.current: dict[str, Optional[int]] = {n: None for n in spec.names}  # None: dense
+
+    def _dense(self, name: str) -> torch.Tensor:
+        if name not in self.dense:
+            if self.current[name] is not None:
+                raise RuntimeError(f"{name}: its dense weight was overwritten before a mask-only entry needed it")
+            self.dense[name] = self.linears[name].weight.detach().clone()
+        return self.dense[name]
 
     def apply(self, levels: Sequence[int]) -> torch.nn.Module:
         for name, k in zip(self.spec.names, levels):
             if self.current[name] != int(k):
-                self.linears[name].weight.data.copy_(self.spec.database.weight(name, int(k), self.dense[name]))
+                weight = self.linears[name].weight
+                new = self.spec.database.weight(name, int(k), weight.detach(), lambda: self._dense(name))
+                weight.data.copy_(new)
                 self.current[name] = int(k)
         return self.model
 

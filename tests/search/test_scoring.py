@@ -58,3 +58,18 @@ def test_ray_and_in_process_scoring_agree(tmp_path, tiny_llama_dir, text_file):
     for path in (tmp_path / "db").rglob("*.safetensors"):
         a, b = load_file(str(path)), load_file(str(tmp_path / "ray-db" / path.relative_to(tmp_path / "db")))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_assembled_weights_depend_only_on_the_levels(tmp_path, tiny_llama_dir, text_file, method):
+    loaded, targets, db, _ = tiny_database(tmp_path / "db", tiny_llama_dir, text_file, method, LEVELS)
+    space = SearchSpace.build(layer_shapes(targets), LEVELS, 0.7)
+    first, other = breed([snap(space.level_positions([0.7] * len(space)), space)], space, np.random.default_rng(1), 2)
+    a = assembler(ScoringSpec(ModelConfig(source=str(tiny_llama_dir)), db, space.names, "kl"))
+    a.apply(first)
+    a.apply(other)  # every layer that differs is overwritten, then restored below from the database
+    model = a.apply(first)
+    for name, k in zip(space.names, first):
+        dense = loaded.model.get_submodule(name).weight.detach()
+        assert torch.equal(model.get_submodule(name).weight, db.weight(name, int(k), dense)), name
+    assert (len(a.dense) == len(space)) == (method == "wanda")  # dense copies only for mask-only entries
