@@ -136,6 +136,8 @@ class SearchConfig(StrictModel):
         if not lo <= Fraction(str(self.target)) <= hi:
             raise ValueError(f"target {self.target} lies outside the level set {levels.describe()}, whose "
                              f"sparsities span [{float(lo)}, {float(hi)}]")
+        if self.model.lazy:
+            raise ValueError("model.lazy: a search assembles whole candidate models, so the model must fit in memory")
         f = self.fitness
         room = f.num_windows * (f.seq_len - 1)
         for s in self.evolution.stages:

@@ -96,6 +96,10 @@ def search_markdown(report: Mapping[str, Any]) -> str:
              f"windows; {report['layers']} layers; every plan is assembled from one level database (each layer solved "
              "once per level from the dense model's inputs).", "",
              table(["search", "final fitness", "perplexity", "evaluations", "tokens", "seconds", "average", "plan"], rows)]
+    for seed, g in (report.get("seeding") or {}).items():
+        reached = "never" if g["msp_evaluations"] is None else f"after {g['msp_evaluations']} evaluations"
+        parts.append(f"\nSeed {seed}: MSP reached EvoPress's final fitness ({g['evopress_final']:.4g}) {reached}"
+                     + ("" if g["ratio"] is None else f", {g['ratio']:.2f} of EvoPress's budget"))
     ev = report.get("evaluation")
     if ev:
         parts.append(f"\nPerplexity over {ev['windows']} windows of {ev['window_length']}"
