@@ -73,3 +73,14 @@ def test_assembled_weights_depend_only_on_the_levels(tmp_path, tiny_llama_dir, t
         dense = loaded.model.get_submodule(name).weight.detach()
         assert torch.equal(model.get_submodule(name).weight, db.weight(name, int(k), dense)), name
     assert (len(a.dense) == len(space)) == (method == "wanda")  # dense copies only for mask-only entries
+
+
+def test_perplexity_fitness_needs_no_dense_model(tmp_path, tiny_llama_dir, text_file):
+    spec, pool, ids, _ = _setup(tmp_path, tiny_llama_dir, text_file)
+    ppl = ScoringSpec(spec.model, spec.database, spec.names, "ppl", batch_size=2)
+    values = Scorer(InProcessExecutor(), ppl, ids, None, windows_per_job=2).score(pool, all_tokens(4, 32))
+    model = assembler(ppl).apply(pool[0])
+    with torch.no_grad():
+        logits = model(ids).logits[:, :-1].double()  # (4, 31, V): the whole model's own forward, for reference
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert values[0] == pytest.approx(float(nll.exp()), rel=1e-5) and len(set(values)) == len(pool)
