@@ -7,10 +7,9 @@ from typing import Any, Literal, Optional
 from pydantic import PositiveInt, field_validator, model_validator
 
 from compressor.config.base import InputPath, StrictModel
+from compressor.methods.registry import METHODS
 from compressor.parallel.ray_config import RayWorkersConfig
 from compressor.training.config import FilePriorRule, MaskLearningConfig
-
-ONE_SHOT_PRIORS = ("magnitude", "wanda", "sparsegpt", "sparseswaps")
 
 
 class DistributedPriorConfig(FilePriorRule):
@@ -22,7 +21,7 @@ class DistributedPriorConfig(FilePriorRule):
     @field_validator("kind", mode="before")
     @classmethod
     def _one_shot_needs_whole_model(cls, value: Any) -> Any:
-        if value in ONE_SHOT_PRIORS:
+        if value in METHODS:
             raise ValueError(
                 f"prior.kind={value!r} runs a one-shot method, which needs the whole model in one process; run "
                 f"`compressor prune` with method {value} first, then give its masks here with kind: file and "

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from compressor.calibration.config import CalibrationConfig
 from compressor.config.base import InputPath, StrictModel
 from compressor.data.config import DatasetConfig
 from compressor.eval.config import EvalConfig
 from compressor.methods.maskllm.config import MaskLLMConfig
-from compressor.methods.registry import SparseGPTOptions, SparseSwapsOptions
+from compressor.methods.registry import METHODS, SparseGPTOptions, SparseSwapsOptions
 from compressor.methods.sparse_training.config import (
     BDWPMethod, DenseMethod, FixedMaskMethod, PDPMethod, SRSTEMethod,
 )
@@ -33,13 +33,20 @@ class FilePriorRule(StrictModel):
 class PriorConfig(FilePriorRule):
     """Where the initial logits come from."""
 
-    # none: random logits; a one-shot method: run it first (mask only, weights untouched);
+    # none: random logits; a registered one-shot method: run it first (mask only, weights untouched);
     # file: masks.safetensors / a `compressor prune` run folder
-    kind: Literal["none", "magnitude", "wanda", "sparsegpt", "sparseswaps", "file"] = "sparsegpt"
+    kind: str = "sparsegpt"
     path: Optional[InputPath] = None
     calibration: CalibrationConfig = CalibrationConfig()
     sparsegpt: SparseGPTOptions = SparseGPTOptions(update_weights=False)
     sparseswaps: SparseSwapsOptions = SparseSwapsOptions()
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in ("none", "file") and kind not in METHODS:
+            raise ValueError(f"prior.kind {kind!r} is none, file or a one-shot method ({', '.join(sorted(METHODS))})")
+        return kind
 
 
 class TrainConfig(StrictModel):
