@@ -89,6 +89,10 @@ class DistributedLearnConfig(MaskLearningConfig):
         if self.method.kind != "maskllm":
             raise ValueError(f"method.kind {self.method.kind!r} is not supported by the distributed (megatron) "
                              "trainer, which learns MaskLLM masks; run it with `compressor learn` (single or deepspeed)")
+        if self.sparsity_plan is not None:
+            raise ValueError("sparsity_plan (a different N:M per layer) is not supported yet with `compressor launch` "
+                             "(the megatron trainer builds one N:M for all its fused linears); use `compressor learn`, "
+                             "or remove sparsity_plan")
         if self.maskllm.train_weights:
             raise ValueError("maskllm.train_weights is not supported by the distributed (megatron) trainer: "
                              "the weights stay frozen there; use backend deepspeed in `compressor learn` for it")

@@ -86,6 +86,9 @@ class MaskLearningConfig(StrictModel):
     method: MethodConfig = MaskLLMMethod()
     maskllm: MaskLLMConfig = MaskLLMConfig()
     init_logits: Optional[InputPath] = None  # transfer: logits.safetensors of an earlier run (overrides the prior)
+    # MaskLLM with each layer's own N:M: a plan file (compressor/sparsity/plan.py), N:M levels only; it
+    # replaces maskllm.sparsity, which then stays unset
+    sparsity_plan: Optional[InputPath] = None
     targets: list[str] = [".*"]  # regexes on linear names
     ignore: list[str] = []
     train: TrainConfig = TrainConfig()
@@ -110,6 +113,12 @@ class MaskLearningConfig(StrictModel):
             if self.init_logits is not None:
                 raise ValueError(f"init_logits (MaskLLM logits to start from) does not apply to method.kind "
                                  f"{self.method.kind!r}; remove it")
+            if self.sparsity_plan is not None:
+                raise ValueError(f"sparsity_plan applies to method.kind maskllm only (method.kind is "
+                                 f"{self.method.kind!r}); remove it, or prune with the plan (`compressor prune`)")
+        elif self.sparsity_plan is not None and "sparsity" in self.maskllm.model_fields_set:
+            raise ValueError(f"give maskllm.sparsity ({self.maskllm.sparsity}) or sparsity_plan "
+                             f"({self.sparsity_plan!r}), not both: the plan holds every layer's level")
         return self
 
 
