@@ -30,7 +30,7 @@ from compressor.reporting.markdown import learn_report_markdown
 from compressor.reporting.plots import evaluation_plots, plot_lines
 from compressor.reporting.tensorboard import TENSORBOARD_DIR, ScalarWriter
 from compressor.runs.common import evaluate, eval_windows_for, finish_report, save_or_check_config
-from compressor.runs.plans import PLAN_FILE, record_plan, resolve_plan, uniform_text, weight_levels
+from compressor.runs.plans import PLAN_FILE, record_plan, resolve_plan, setup_plan, uniform_text, weight_levels
 from compressor.sparsity.plan import PlanError, ResolvedPlan, SparsityPlan, level_text
 from compressor.sparsity import NM, is_nm, unpack_bits
 from compressor.training.backends import Backend, DeepSpeedBackend, SingleProcessBackend
@@ -302,6 +302,7 @@ def run_learn(cfg: LearnConfig, output: str | Path, overwrite: bool = False, res
         SparsityPlan.load(cfg.sparsity_plan)  # the file's own checks, before any folder is made
     with run_folder(output, "learn", input_paths(cfg), overwrite, resume) as folder:
         save_or_check_config(folder.path, cfg, resuming=folder.resumed, ignore=("evaluation",))
+        setup_plan(folder.path, cfg.sparsity_plan, resuming=folder.resumed)
         if cfg.backend != "deepspeed" or cfg.deepspeed.world_size == 1 or "RANK" in os.environ:
             return learn_rank(cfg, folder.path)
         import json

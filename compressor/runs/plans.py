@@ -6,10 +6,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from compressor.errors import ConfigError
 from compressor.models.layers import LinearTarget
 from compressor.sparsity.plan import ResolvedPlan, SparsityPlan, layer_shapes, level_text
 
 PLAN_FILE = "plan.json"
+
+
+def setup_plan(folder: Path, path: Optional[str], resuming: bool) -> None:
+    """Copy the plan file into the run folder at its start (``plan.json``, a set-up file like config.yaml;
+    the finished run replaces it with the full listing), so that a resumed run can be held to it."""
+    if path is None:
+        return
+    plan, saved = SparsityPlan.load(path), folder / PLAN_FILE
+    if resuming and saved.is_file():
+        if SparsityPlan.load(saved) != plan:
+            raise ConfigError(f"cannot resume {folder}: the sparsity plan {path} differs from the one the run started "
+                              f"with ({saved}); use that plan, or pass --overwrite (or another --output) to start over")
+        return
+    plan.save(saved)
 
 
 def resolve_plan(path: str, targets: Sequence[LinearTarget]) -> ResolvedPlan:

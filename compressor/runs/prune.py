@@ -29,7 +29,7 @@ from compressor.reporting.markdown import prune_report_markdown
 from compressor.reporting.plots import evaluation_plots, plot_layer_errors
 from compressor.reporting.summary import mean_by_type, mean_of, weighted_density
 from compressor.sparsity import NM, is_nm
-from compressor.runs.plans import PLAN_FILE, record_plan, resolve_plan, uniform_text, weight_levels
+from compressor.runs.plans import PLAN_FILE, record_plan, resolve_plan, setup_plan, uniform_text, weight_levels
 from compressor.sparsity.plan import SparsityPlan
 from compressor.runs.common import evaluate, eval_windows_for, finish_report, save_or_check_config
 from compressor.utils.fs import atomic_dir
@@ -134,6 +134,7 @@ def run_prune(cfg: PruneConfig, output: str | Path, overwrite: bool = False, res
         SparsityPlan.load(cfg.sparsity_plan)  # the file's own checks, before any folder is made
     with run_folder(output, "prune", input_paths(cfg), overwrite, resume) as folder:
         save_or_check_config(folder.path, cfg, resuming=folder.resumed)
+        setup_plan(folder.path, cfg.sparsity_plan, resuming=folder.resumed)
         return _prune(cfg, folder.path)
 
 
