@@ -266,7 +266,7 @@ def _output_config(source: MaskedSource, options: ExportOptions, levels: dict[st
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype
     # only when every stored-sparse layer is 2:4 can compressed-tensors read the folder
-    if options.format == "compressed" and sparse and all(levels[n] == NM(2, 4) for n in sparse):
+    if options.format == "compressed" and all(levels[n] == NM(2, 4) for n in sparse):
         # compressed-tensors (<= 0.14) and vLLM (<= 0.19) read this. All decoder linears sparse: the usual
         # ["Linear"] minus lm_head; otherwise the exact module names.
         layers = [n[: -len(".weight")] for n in sorted(sparse, key=_natural)]
@@ -310,7 +310,7 @@ def write_sharded(source: MaskedSource, out: Path, options: ExportOptions, execu
             progress(result, done[0], len(plans))
 
     sparse_names = [e.name for e in entries if e.nm is not None]
-    written = _written(entries, levels, options.format)
+    written = _written(entries, levels)
     # A manifest vouches for the data: only over a source that was verified (its own manifest, or in full)
     manifest = None
     if mixed and source.verification == "none" and options.format == "compressed":
@@ -346,7 +346,7 @@ def write_sharded(source: MaskedSource, out: Path, options: ExportOptions, execu
     )
 
 
-def _written(entries: list, levels: dict[str, SparsityTarget], fmt: str) -> dict[str, list[str]]:
+def _written(entries: list, levels: dict[str, SparsityTarget]) -> dict[str, list[str]]:
     """How each chosen layer is stored: the export's message and summary."""
     out: dict[str, list[str]] = {}
     for e in entries:

@@ -109,7 +109,7 @@ def _stats(kind, gram):
     return InputStats(kind, gram.shape[0], 400, col_sq=torch.diagonal(gram).clone(), gram=gram)
 
 
-@pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt", "sparseswaps"])
+@pytest.mark.parametrize("name", sorted(METHODS))
 @pytest.mark.parametrize("level", [NM(2, 4), NM(3, 8), Unstructured(0.6)])
 def test_every_registered_method_solves_a_real_layer(name, level):
     method = METHODS[name]
