@@ -47,7 +47,7 @@ def uniform_text(resolved: ResolvedPlan) -> Optional[str]:
 def plan_report(resolved: ResolvedPlan, path: str) -> dict[str, Any]:
     """report.json's ``plan``: the file, the exact parameter-weighted average and every layer's level."""
     average = resolved.average
-    return {"file": str(path), "target": SparsityPlan.load(path).target, "average_sparsity": float(average),
+    return {"file": str(path), "target": resolved.target, "average_sparsity": float(average),
             "average_sparsity_exact": f"{average.numerator}/{average.denominator}",
             "parameters": resolved.parameters, "uniform": resolved.uniform_level is not None,
             "levels": resolved.table()}
@@ -60,7 +60,7 @@ def record_plan(out: Path, resolved: ResolvedPlan, path: str, report: dict[str, 
     from compressor.reporting.plots import plot_level_heatmap
 
     report["plan"] = plan_report(resolved, path)
-    resolved.listing(report["plan"]["target"]).save(out / PLAN_FILE)
+    resolved.listing().save(out / PLAN_FILE)
     if resolved.uniform_level is not None:
         return []
     return [plot_level_heatmap(resolved.levels, out / "plots" / "levels.png", title).relative_to(out)]

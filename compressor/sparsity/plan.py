@@ -142,7 +142,7 @@ class SparsityPlan(StrictModel):
             if isinstance(level, NM) and width % level.m:
                 raise PlanError(f"{name}: level {level} is impossible, its input width {width} is not divisible by "
                                 f"M={level.m}")
-        resolved = ResolvedPlan(levels, dict(shapes))
+        resolved = ResolvedPlan(levels, dict(shapes), self.target)
         if self.target is not None:
             resolved.check_average(self.target)
         return resolved
@@ -196,6 +196,7 @@ class ResolvedPlan:
 
     levels: dict[str, SparsityTarget]
     shapes: dict[str, tuple[int, int]]
+    target: Optional[float] = None  # the plan's declared average, if it declared one
 
     @property
     def parameters(self) -> int:
@@ -233,12 +234,12 @@ class ResolvedPlan:
                 f"target {target}: {float(off):+.1f} pruned weights of {self.parameters}, more than one group "
                 f"of M={self.tolerance} weights")
 
-    def listing(self, target: Optional[float] = None) -> SparsityPlan:
-        """The plan with every layer named exactly (a run's ``plan.json``), declaring ``target`` or, by
-        default, its own average."""
+    def listing(self) -> SparsityPlan:
+        """The plan with every layer named exactly (a run's ``plan.json``), declaring its declared target
+        or, without one, its own average."""
         default = SparsityPlan.from_levels(self.levels).default
         return SparsityPlan(default=default, layers=dict(self.levels),
-                            target=float(self.average) if target is None else target)
+                            target=float(self.average) if self.target is None else self.target)
 
     def table(self) -> list[dict[str, Any]]:
         """Rows for reports: name, shape, level and its sparsity."""
