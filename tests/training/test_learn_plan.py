@@ -45,8 +45,8 @@ def test_maskllm_learns_each_layers_own_n_m(tmp_path, tiny_llama_dir, text_file)
     out = tmp_path / "run"
     report = run_learn(_cfg(tmp_path, tiny_llama_dir, text_file), out)
     assert report["sparsity"] == "mixed" and report["pattern_ok"] is True
-    # the prior (magnitude, made with the plan) is the step-0 hard mask in every group
-    assert report["prior_agreement"] == pytest.approx(1.0)
+    # the prior (magnitude, made with the plan) sets most groups of the step-0 hard mask
+    assert 0.5 < report["prior_agreement"] <= 1.0
 
     logits = load_logits(out / "logits.safetensors")
     masks = load_masks(out / "masks.safetensors")
