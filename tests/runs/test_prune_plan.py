@@ -37,15 +37,16 @@ def _cfg(tmp_path, model, text, plan=PLAN, **extra):
     path = tmp_path / "plans" / "plan.yaml"
     path.parent.mkdir(exist_ok=True)
     path.write_text(yaml.safe_dump(plan))
-    data = {"model": {"source": str(model)}, "method": "wanda", "sparsity_plan": str(path),
+    data = {"model": {"source": str(model)}, "method": extra.pop("method", "wanda"), "sparsity_plan": str(path),
             "calibration": {"data": {"source": str(text)}, "num_windows": 8, "seq_len": 64, "batch_size": 4},
             "evaluation": {"enabled": False}, "executor": {"kind": "inprocess"}, **extra}
     return validate_config(PruneConfig, data)
 
 
-def test_a_mixed_plan_gives_every_layer_its_own_level(tmp_path, tiny_llama_dir, text_file):
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_mixed_plan_gives_every_layer_its_own_level(tmp_path, tiny_llama_dir, text_file, method):
     out = tmp_path / "run"
-    report = run_prune(_cfg(tmp_path, tiny_llama_dir, text_file), out)
+    report = run_prune(_cfg(tmp_path, tiny_llama_dir, text_file, method=method), out)
 
     pruned = load_model(str(out / "model")).model
     masks = load_masks(out / "masks.safetensors")
