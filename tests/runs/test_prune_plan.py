@@ -144,3 +144,27 @@ def test_a_bad_plan_fails_before_any_work(tmp_path, tiny_llama_dir, text_file, m
     with pytest.raises(PlanError, match=message):
         run_prune(_cfg(tmp_path, tiny_llama_dir, text_file, plan=plan), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing left that blocks the next try
+
+
+def test_resume_holds_the_run_to_its_plan(tmp_path, tiny_llama_dir, text_file, monkeypatch):
+    from compressor.pipelines.block_store import BlockStore
+
+    out = tmp_path / "run"
+    real_save = BlockStore.save
+
+    def save_then_die(self, block, results):
+        real_save(self, block, results)
+        raise KeyboardInterrupt  # killed after the first block's results are on disk
+
+    monkeypatch.setattr(BlockStore, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_prune(_cfg(tmp_path, tiny_llama_dir, text_file), out)
+    monkeypatch.setattr(BlockStore, "save", real_save)
+    assert SparsityPlan.load(out / "plan.json") == SparsityPlan.model_validate(PLAN)  # the copy made at the start
+
+    other = {**PLAN, "layers": {**PLAN["layers"], "model.layers.0.mlp.up_proj": "1:4"}}
+    with pytest.raises(ConfigError, match="the sparsity plan .* differs from the one the run started with"):
+        run_prune(_cfg(tmp_path, tiny_llama_dir, text_file, plan=other), out, resume=True)
+    report = run_prune(_cfg(tmp_path, tiny_llama_dir, text_file), out, resume=True)
+    assert report["summary"]["resumed_blocks"] == 1 and report["summary"]["pattern_ok"] is True
+    assert set(SparsityPlan.load(out / "plan.json").layers) == {r["name"] for r in report["plan"]["levels"]}
