@@ -104,3 +104,12 @@ def test_old_uniform_mask_files_still_load(tmp_path):
     save_masks(tmp_path / "m.safetensors", {"w.weight": mask}, "2:4")
     assert mask_file_levels(tmp_path / "m.safetensors") is None
     assert torch.equal(load_masks(tmp_path / "m.safetensors")["w.weight"], mask)
+
+
+def test_the_export_command_says_how_each_layer_was_written(mixed_run, tmp_path, capsys):
+    from compressor.cli import main
+
+    assert main(["export", str(mixed_run), str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "4:8 bitmask (compressor layout): 8 layer(s)" in printed and "unstructured 0.5" in printed
+    assert "compressed-tensors reads only all-2:4 exports" in printed

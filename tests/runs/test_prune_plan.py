@@ -168,3 +168,20 @@ def test_resume_holds_the_run_to_its_plan(tmp_path, tiny_llama_dir, text_file, m
     report = run_prune(_cfg(tmp_path, tiny_llama_dir, text_file), out, resume=True)
     assert report["summary"]["resumed_blocks"] == 1 and report["summary"]["pattern_ok"] is True
     assert set(SparsityPlan.load(out / "plan.json").layers) == {r["name"] for r in report["plan"]["levels"]}
+
+
+def test_the_command_line_gives_a_plan_over_a_config_with_sparsity(tmp_path, tiny_llama_dir, capsys):
+    from compressor.cli import main
+
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(PLAN))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"source": str(tiny_llama_dir)}, "sparsity": "2:4", "method": "magnitude",
+                                   "layer_error": False, "evaluation": {"enabled": False},
+                                   "executor": {"kind": "inprocess"}}))
+    plan = f"sparsity_plan={tmp_path / 'plan.yaml'}"
+    assert main(["prune", "--config", str(cfg), "--output", str(tmp_path / "a"), "--set", plan]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["prune", "--config", str(cfg), "--output", str(tmp_path / "b"), "--set", plan,
+                 "--set", "sparsity=null"]) == 0
+    assert "magnitude mixed" in capsys.readouterr().out
+    assert mask_file_levels(tmp_path / "b" / "masks.safetensors")["model.layers.1.mlp.down_proj.weight"] == Unstructured(0.5)
