@@ -117,3 +117,14 @@ def test_cli_prints_the_table(capsys):
     assert main(["--config", str(ROOT / "configs/distributed/smollm2_cpu_tp1.yaml"), "--set", "parallel.tensor=2",
                  "--set", "parallel.data=1"]) == 2
     assert "[1, 3]" in capsys.readouterr().err
+
+
+def test_weight_bytes_follow_the_megatron_model_dtype():
+    from compressor.config.base import load_config
+    from compressor.parallel.config import DistributedLearnConfig
+
+    tiny = ROOT / "configs/distributed/tiny_tp2.yaml"
+    assert setup_from_config(load_config(DistributedLearnConfig, tiny)).weight_bytes == 4
+    # bf16 products on megatron (no autocast there) mean a bf16 model, whatever model.dtype says
+    cfg = load_config(DistributedLearnConfig, tiny, ["precision.compute=bfloat16"])
+    assert (cfg.model.dtype, cfg.megatron_dtype, setup_from_config(cfg).weight_bytes) == ("float32", "bfloat16", 2)

@@ -126,3 +126,24 @@ def test_a_conversion_that_loses_a_tensor_is_caught(monkeypatch):
     monkeypatch.setattr(megatron_convert, "_LAYER_NORMS", megatron_convert._LAYER_NORMS[:1])
     with pytest.raises(MetaProofError, match=r"model\.layers\.0\.post_attention_layernorm\.weight missing"):
         prove(*tiny(tp=2), weight_dtype="float32")
+
+
+def test_real_storage_is_caught(monkeypatch):
+    import torch
+
+    from compressor.parallel import megatron_model
+
+    build = megatron_model.build_gpt_model
+
+    def with_a_real_norm(*args, **kwargs):
+        model = build(*args, **kwargs)
+        norm = model.decoder.layers[0].input_layernorm
+        norm.weight = torch.nn.Parameter(torch.ones(norm.weight.shape, device="cpu"))
+        return model
+
+    monkeypatch.setattr(megatron_model, "build_gpt_model", with_a_real_norm)
+    with pytest.raises(MetaProofError, match=r"tensors hold real storage.*decoder\.layers\.0\.input_layernorm\.weight"):
+        prove(*tiny(tp=2), weight_dtype="float32")
+    monkeypatch.undo()
+    with pytest.raises(MetaProofError, match="resident memory grew"):
+        prove(*tiny(tp=2), weight_dtype="float32", rss_limit=-1)
