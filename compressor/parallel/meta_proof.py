@@ -163,9 +163,9 @@ def prove(hf_config: Any, setup: Setup, weight_dtype: str = "bfloat16", logits_d
 
     dims = LlamaDims.from_hf_config(hf_config)
     nm = NM(setup.n, setup.m)
-    for what, name, size in (("weights", weight_dtype, setup.weight_bytes), ("logits", logits_dtype, setup.logits_bytes)):
+    for what, name, size in (("weight", weight_dtype, setup.weight_bytes), ("logit", logits_dtype, setup.logits_bytes)):
         if DTYPE_BYTES[name] != size:
-            raise MetaProofError(f"the plan counts {size} B per {what[:-1]}, the model holds its {what} in {name}")
+            raise MetaProofError(f"the plan counts {size} B per {what}, the model holds its {what}s in {name}")
     check_parallel_sizes(dims, setup.tensor, setup.pipeline)
     mask_cfg = MaskLLMConfig(sparsity=nm, logits_dtype=logits_dtype)
     hf_shapes = _hf_shapes(hf_config)
@@ -174,8 +174,8 @@ def prove(hf_config: Any, setup: Setup, weight_dtype: str = "bfloat16", logits_d
     with _one_rank_world():
         baseline = _rss()
         for layout in _layouts(setup.tensor, setup.pipeline):
-            rank, state, masks = _build_rank(dims, layout, nm, weight_dtype, mask_cfg, targets, ignore)
-            growth = max(growth, _rss() - baseline)  # while this rank's shard is alive
+            rank, state, masks, rss = _build_rank(dims, layout, nm, weight_dtype, mask_cfg, targets, ignore)
+            growth = max(growth, rss - baseline)
             ranks.append(rank)
             shards[(layout.tp_rank, layout.pp_rank)] = state
             pieces += local_pieces(masks, dims, layout, lambda m: m.logits)
@@ -218,6 +218,7 @@ def _groups(layout: "Layout") -> Any:
 
 @contextmanager
 def _one_rank_world() -> Iterator[None]:
+    """A one-rank ``fake`` world (megatron reads group sizes only once torch.distributed is initialised)."""
     if dist.is_initialized():
         yield
         return
@@ -237,7 +238,8 @@ def _layouts(tp: int, pp: int) -> Iterator["Layout"]:
 
 
 def _build_rank(dims: "LlamaDims", layout: "Layout", nm: NM, weight_dtype: str, mask_cfg: Any,
-                targets: Sequence[str], ignore: Sequence[str]) -> tuple[RankShard, dict[str, torch.Tensor], Any]:
+                targets: Sequence[str], ignore: Sequence[str]) -> tuple[RankShard, dict[str, torch.Tensor], Any, int]:
+    """The rank's figures, its megatron state dict (meta tensors), its masks and the process RSS while it lives."""
     from compressor.parallel.megatron_checkpoint import piece_layout
     from compressor.parallel.megatron_masks import attach_sharded_masks
     from compressor.parallel.megatron_model import build_gpt_model, megatron_state_dict
@@ -268,7 +270,7 @@ def _build_rank(dims: "LlamaDims", layout: "Layout", nm: NM, weight_dtype: str, 
         largest_weight=(largest[0], tuple(largest[1].shape)),
         largest_masked=(top.name, tuple(top.mask.shape), tuple(top.mask.logits.shape)),
     )
-    return rank, state, masks
+    return rank, state, masks, _rss()  # measured while the model is alive: a freed real tensor would not show
 
 
 def check_parallel_linears(model: torch.nn.Module, dims: "LlamaDims", layout: "Layout", nm: NM) -> None:
