@@ -80,10 +80,11 @@ def _my_pieces(masks: MaskSet, dims: LlamaDims, layout: Layout, optimizer) -> di
         EXP_AVG_SQ: lambda m: _adam_state(optimizer, m.logits)["exp_avg_sq"]})
 
 
-def piece_layout(masks: MaskSet, dims: LlamaDims, layout: Layout) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    """Name -> (shape, dtype) of every piece ``save`` writes for this rank, from the logits alone (torch's
+def piece_layout(masks: MaskSet, dims: LlamaDims, layout: Layout
+                 ) -> dict[str, tuple[torch.Size, torch.dtype, PieceSpec]]:
+    """Name -> (shape, dtype, spec) of every piece ``save`` writes for this rank, from the logits alone (torch's
     AdamW keeps its states in the logits' shape and dtype); works on a meta-device model."""
-    return {name: (t.shape, t.dtype) for name, (t, _) in
+    return {name: (t.shape, t.dtype, spec) for name, (t, spec) in
             _pieces(masks, dims, layout, dict.fromkeys((LOGITS, EXP_AVG, EXP_AVG_SQ), lambda m: m.logits)).items()}
 
 

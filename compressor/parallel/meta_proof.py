@@ -9,7 +9,8 @@ checkpoint writes (``megatron_checkpoint.piece_layout``), with shapes and dtypes
     tensor of the HF model (built from the same config on the meta device) with its exact shape, and the map's
     split of each HF tensor gives each rank's tensor (what ``load_hf_weights`` asserts). Each linear the map
     splits by rows is megatron's ColumnParallelLinear, each one it splits by input columns a RowParallelLinear.
-    The mask logits of all ranks reassemble to (out, in / M, C(M, N)) for every masked HF weight.
+    The checkpoint pieces of all ranks (logits and AdamW states, chunk r of TP along a dimension) join to
+    (out, in / M, C(M, N)) for every masked HF weight, as a reader at any layout joins them.
 (b) Every row-parallel shard's input width divides by M: a group of M must not straddle two ranks.
 (c) The planner (``memory_plan``) predicts each rank's parameter, masked-weight and logit counts, the bytes of
     its weights and of its checkpoint, and its largest masked shard exactly.
@@ -116,8 +117,9 @@ class MetaProof:
         lines += ["  ".join(v.rjust(w) if c > 2 else v.ljust(w) for c, (v, w) in enumerate(zip(row, widths))).rstrip()
                   for row in rows]
         lines += ["", f"HF layout: {self.hf_tensors} HF tensors reassembled exactly from the TP shards (column-parallel "
-                      f"by rows, row-parallel by columns, fused QKV by query groups); logits of {self.masked_hf_weights} "
-                      f"masked weights reassembled as (out, in/{self.nm.m}, {math.comb(self.nm.m, self.nm.n)})",
+                      f"by rows, row-parallel by columns, fused QKV by query groups); checkpoint pieces (logits, "
+                      f"AdamW states) of {self.masked_hf_weights} masked weights joined as (out, in/{self.nm.m}, "
+                      f"{math.comb(self.nm.m, self.nm.n)})",
                   f"row-parallel shard widths: all multiples of M={self.nm.m}",
                   "planner (memory_plan): parameters, masked weights, logits, weight and checkpoint bytes and the "
                   "largest masked shard equal on every rank",
@@ -159,7 +161,6 @@ def prove(hf_config: Any, setup: Setup, weight_dtype: str = "bfloat16", logits_d
     """Build every (TP, PP) rank of ``setup`` for ``hf_config`` on the meta device and check (a), (b), (c)."""
     from compressor.methods.maskllm.config import MaskLLMConfig
     from compressor.parallel.megatron_convert import LlamaDims, check_parallel_sizes
-    from compressor.parallel.megatron_masks import local_pieces
 
     dims = LlamaDims.from_hf_config(hf_config)
     nm = NM(setup.n, setup.m)
@@ -170,16 +171,16 @@ def prove(hf_config: Any, setup: Setup, weight_dtype: str = "bfloat16", logits_d
     mask_cfg = MaskLLMConfig(sparsity=nm, logits_dtype=logits_dtype)
     hf_shapes = _hf_shapes(hf_config)
     import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401  imported before the memory baseline
-    ranks, shards, pieces, growth = [], {}, [], 0
+    ranks, shards, pieces, growth = [], {}, {}, 0
     with _one_rank_world():
         baseline = _rss()
         for layout in _layouts(setup.tensor, setup.pipeline):
-            rank, state, masks, rss = _build_rank(dims, layout, nm, weight_dtype, mask_cfg, targets, ignore)
+            rank, state, checkpoint, rss = _build_rank(dims, layout, nm, weight_dtype, mask_cfg, targets, ignore)
             growth = max(growth, rss - baseline)
             ranks.append(rank)
             shards[(layout.tp_rank, layout.pp_rank)] = state
-            pieces += local_pieces(masks, dims, layout, lambda m: m.logits)
-            del masks
+            for name, (shape, _, spec) in checkpoint.items():
+                pieces.setdefault(name, []).append((tuple(shape), spec))
     if growth > rss_limit:
         raise MetaProofError(f"resident memory grew by {growth / 2**20:.0f} MiB while building the shards (limit "
                              f"{rss_limit / 2**20:.0f} MiB): something allocated real storage")
@@ -238,8 +239,9 @@ def _layouts(tp: int, pp: int) -> Iterator["Layout"]:
 
 
 def _build_rank(dims: "LlamaDims", layout: "Layout", nm: NM, weight_dtype: str, mask_cfg: Any,
-                targets: Sequence[str], ignore: Sequence[str]) -> tuple[RankShard, dict[str, torch.Tensor], Any, int]:
-    """The rank's figures, its megatron state dict (meta tensors), its masks and the process RSS while it lives."""
+                targets: Sequence[str], ignore: Sequence[str]) -> tuple[RankShard, dict[str, torch.Tensor], dict, int]:
+    """The rank's figures, its megatron state dict (meta tensors), its checkpoint pieces and the process RSS
+    while it lives."""
     from compressor.parallel.megatron_checkpoint import piece_layout
     from compressor.parallel.megatron_masks import attach_sharded_masks
     from compressor.parallel.megatron_model import build_gpt_model, megatron_state_dict
@@ -265,12 +267,12 @@ def _build_rank(dims: "LlamaDims", layout: "Layout", nm: NM, weight_dtype: str, 
         masked_weights=sum(math.prod(s.mask.shape) for s in masks.values()),
         logits=sum(s.mask.logits.numel() for s in masks.values()),
         weight_bytes=weight_bytes,
-        checkpoint_bytes=_sum_by_dtype((math.prod(shape), dtype) for shape, dtype in ckpt.values()),
+        checkpoint_bytes=_sum_by_dtype((math.prod(shape), dtype) for shape, dtype, _ in ckpt.values()),
         checkpoint_pieces=len(ckpt),
         largest_weight=(largest[0], tuple(largest[1].shape)),
         largest_masked=(top.name, tuple(top.mask.shape), tuple(top.mask.logits.shape)),
     )
-    return rank, state, masks, _rss()  # measured while the model is alive: a freed real tensor would not show
+    return rank, state, ckpt, _rss()  # measured while the model is alive: a freed real tensor would not show
 
 
 def check_parallel_linears(model: torch.nn.Module, dims: "LlamaDims", layout: "Layout", nm: NM) -> None:
@@ -307,12 +309,14 @@ def working_tp(dims: "LlamaDims", nm: NM) -> list[int]:
 
 
 # -- the checks -----------------------------------------------------------------------------------------
-def _check_hf_layout(shards: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], pieces: list, dims: "LlamaDims",
-                     hf_shapes: Mapping[str, Shape], tp: int, pp: int, nm: NM, targets: Sequence[str],
-                     ignore: Sequence[str]) -> tuple[int, int]:
-    """(a): the shards against the HF model, both ways; the logits' pieces against its weights."""
+def _check_hf_layout(shards: Mapping[tuple[int, int], Mapping[str, torch.Tensor]],
+                     pieces: Mapping[str, list[tuple[Shape, Any]]], dims: "LlamaDims", hf_shapes: Mapping[str, Shape],
+                     tp: int, pp: int, nm: NM, targets: Sequence[str], ignore: Sequence[str]) -> tuple[int, int]:
+    """(a): the shards against the HF model, both ways; the checkpoint's pieces (logits, AdamW states) of every
+    rank, joined as a reader at any layout joins them, against its masked weights."""
+    from compressor.parallel.megatron_checkpoint import EXP_AVG, EXP_AVG_SQ, LOGITS
     from compressor.parallel.megatron_convert import Shard, hf_layer, hf_to_megatron, megatron_to_hf
-    from compressor.parallel.megatron_masks import assemble, select_linears
+    from compressor.parallel.megatron_masks import select_linears
 
     expected = {k: s for k, s in hf_shapes.items() if not (dims.tied and k == "lm_head.weight")}
     try:
@@ -325,12 +329,33 @@ def _check_hf_layout(shards: Mapping[tuple[int, int], Mapping[str, torch.Tensor]
         split = hf_to_megatron(hf.__getitem__, dims, Shard(tp, t, pp, p))
         problems += _differences(f"tp {t} pp {p}: megatron tensor from the HF split", _shapes(state), _shapes(split))
     patterns = math.comb(nm.m, nm.n)
-    logits = _shapes(assemble(pieces))
-    wanted = {f"{hf_layer(i)}.{h}.weight" for i, kind in select_linears(dims, range(dims.layers), targets, ignore)
-              for h in kind.hf}
-    problems += _differences("logits", logits, {n: (expected[n][0], expected[n][1] // nm.m, patterns) for n in wanted})
+    wanted = [f"{hf_layer(i)}.{h}.weight" for i, kind in select_linears(dims, range(dims.layers), targets, ignore)
+              for h in kind.hf]
+    joined, broken = _joined(pieces)
+    problems += broken + _differences("checkpoint", joined, {
+        prefix + n: (expected[n][0], expected[n][1] // nm.m, patterns) for n in wanted
+        for prefix in (LOGITS, EXP_AVG, EXP_AVG_SQ)})
     _raise(problems, "the shards do not match the HF layout")
-    return len(merged), len(logits)
+    return len(merged), len(wanted)
+
+
+def _joined(pieces: Mapping[str, list[tuple[Shape, Any]]]) -> tuple[dict[str, Shape], list[str]]:
+    """Each checkpoint tensor's shape from its pieces: chunk r of ``parts`` along ``dim``, every r present."""
+    shapes, problems = {}, []
+    for name, parts in pieces.items():
+        by_rank = {spec.rank: (shape, spec) for shape, spec in parts}
+        _, first = parts[0]
+        if sorted(by_rank) != list(range(first.parts)) or len(parts) != first.parts:
+            problems.append(f"checkpoint: {name} has pieces of TP ranks {sorted(by_rank)} of {first.parts}")
+            continue
+        rest = {s[:first.dim] + s[first.dim + 1:] for s, _ in parts}
+        if len(rest) > 1:
+            problems.append(f"checkpoint: {name}'s pieces {[s for s, _ in parts]} do not join along dim {first.dim}")
+            continue
+        shape = list(parts[0][0])
+        shape[first.dim] = sum(s[first.dim] for s, _ in parts)
+        shapes[name] = tuple(shape)
+    return shapes, problems
 
 
 def check_plan(ranks: Sequence[RankShard], stages: Sequence[StageMemory]) -> None:

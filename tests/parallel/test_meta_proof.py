@@ -147,3 +147,19 @@ def test_real_storage_is_caught(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(MetaProofError, match="resident memory grew"):
         prove(*tiny(tp=2), weight_dtype="float32", rss_limit=-1)
+
+
+def test_checkpoint_pieces_declared_along_the_wrong_dim_are_caught(monkeypatch):
+    from compressor.checkpoints.pieces import PieceSpec
+    from compressor.parallel import megatron_checkpoint
+
+    real = megatron_checkpoint._pieces
+
+    def all_by_rows(*args):
+        return {k: (t, PieceSpec(0, s.rank, s.parts)) for k, (t, s) in real(*args).items()}
+
+    monkeypatch.setattr(megatron_checkpoint, "_pieces", all_by_rows)
+    # down_proj is row-parallel: its (64, 16, 6) pieces join along the input groups to (64, 32, 6)
+    with pytest.raises(MetaProofError, match=r"model\.layers\.0\.mlp\.down_proj\.weight has shape \(128, 16, 6\), "
+                                             r"expected \(64, 32, 6\)"):
+        prove(*tiny(tp=2), weight_dtype="float32")
