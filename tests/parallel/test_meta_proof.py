@@ -163,3 +163,13 @@ def test_checkpoint_pieces_declared_along_the_wrong_dim_are_caught(monkeypatch):
     with pytest.raises(MetaProofError, match=r"model\.layers\.0\.mlp\.down_proj\.weight has shape \(128, 16, 6\), "
                                              r"expected \(64, 32, 6\)"):
         prove(*tiny(tp=2), weight_dtype="float32")
+
+
+@pytest.mark.parametrize("preset,tp,pp", [("smollm2-135m", 3, 2), ("qwen2.5-coder-0.5b", 2, 2)],
+                         ids=["smollm2-tied-tp3-pp2", "qwen2-biases-tp2-pp2"])
+def test_other_presets_prove(preset, tp, pp):
+    # the tied embedding's copy on the last stage (SmolLM2), Qwen2's q/k/v biases split like their rows
+    dims = memory_plan.PRESETS[preset]
+    p = prove(hf_config_of(dims), Setup(tensor=tp, pipeline=pp), weight_dtype="bfloat16")
+    assert len(p.ranks) == tp * pp and p.stages[-1].param_count == p.ranks[-1].params
+    assert sum(r.masked_weights for r in p.ranks) == dims.layers * dims.masked_per_layer()
