@@ -80,6 +80,12 @@ class DistributedLearnConfig(MaskLearningConfig):
     def num_microbatches(self) -> int:
         return self.parallel.micro_batches or self.train.grad_accum
 
+    @property
+    def megatron_dtype(self) -> str:
+        """The dtype of the megatron model's weights: megatron runs without autocast, so bf16 products need a
+        bf16 model (the logits keep ``maskllm.logits_dtype``)."""
+        return "bfloat16" if "bfloat16" in (self.model.dtype, self.precision.compute) else "float32"
+
     @model_validator(mode="after")
     def _check(self) -> "DistributedLearnConfig":
         p, t = self.parallel, self.train
