@@ -44,6 +44,21 @@ def test_bf16_gram_products_stay_close_to_float64(torch_seed=0):
     assert torch.allclose(stats.gram, exact, rtol=1e-12)
 
 
+def test_float32_statistics_stay_float32_inside_the_bf16_compute_region():
+    """Calibration hooks fire under the block's bf16 autocast: the float64 setting's products must
+    still be float32 products of the (bf16) activations, not bf16 ones."""
+    torch.manual_seed(0)
+    x = (torch.randn(2048, 64) * torch.linspace(0.1, 10, 64)).bfloat16()
+    exact = x.double().T @ x.double()
+    errors = {}
+    for precision in (Precision(compute="bfloat16"), BF16):
+        stats = InputStats.empty("gram", 64, precision.statistics_dtype)
+        with precision.autocast():
+            stats.add(x)
+        errors[precision.statistics] = float((stats.gram - exact).norm() / exact.norm())
+    assert errors["float64"] < 1e-6 < 1e-4 < errors["bfloat16"], errors
+
+
 def test_a_machine_without_bf16_units_runs_and_says_so(monkeypatch, caplog):
     import compressor.precision as precision
 

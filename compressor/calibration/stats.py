@@ -48,7 +48,9 @@ class InputStats:
             raise NonFiniteError(f"{what}: non-finite activations during calibration (check the weights for NaN/inf)")
         if self.kind == "gram":
             x = x if x.dtype == torch.float64 else x.to(self.product_dtype)
-            self.gram += (x.T @ x).to(torch.float64)
+            # Hooks fire inside the block's autocast region, which would turn a float32 product into bf16.
+            with torch.autocast(x.device.type, enabled=False):
+                self.gram += (x.T @ x).to(torch.float64)
         else:
             x = x if x.dtype == torch.float64 else x.float()
             self.col_sq += (x * x).sum(dim=0).to(torch.float64)

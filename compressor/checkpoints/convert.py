@@ -19,8 +19,9 @@ import torch
 from pydantic import field_validator
 
 from compressor.checkpoints.load import CheckpointReader
-from compressor.checkpoints.logits import logits_sparsity, logits_to_masks
+from compressor.checkpoints.logits import logits_levels, logits_sparsity, logits_to_masks
 from compressor.checkpoints.masks import FORMAT as MASKS_FORMAT
+from compressor.checkpoints.masks import metadata_levels
 from compressor.checkpoints.sharded import (
     DTYPES, MANIFEST_NAME, ShardResult, make_entry, parse_size, plan_shards, write_checkpoint,
 )
@@ -28,7 +29,8 @@ from compressor.config.base import StrictModel
 from compressor.errors import CheckpointError, ConfigError
 from compressor.execution.base import Executor
 from compressor.sparsity.bitpack import unpack_bits
-from compressor.sparsity.nm import NM, check_divisible
+from compressor.sparsity.nm import NM, SparsityTarget, check_divisible
+from compressor.sparsity.plan import level_text
 from compressor.utils.logging import get_logger
 from compressor.utils.run_folder import check_output_target
 
@@ -69,6 +71,8 @@ class MaskedSource:
             raise ConfigError(f"give masks ({masks}) or logits ({logits}), not both")
         self.base, self.masks, self.logits = base, masks, logits
         self.nm = base.nm
+        # weight name -> level, from a run with a sparsity plan (or a mixed export); None: uniform
+        self.levels: Optional[dict[str, SparsityTarget]] = base.levels
         self._mask_names: set[str] = set()
         if masks is not None:
             self._mask_names, meta = _keys_and_metadata(masks)
@@ -77,9 +81,11 @@ class MaskedSource:
             self._shapes = json.loads(meta["shapes"])
             if meta.get("sparsity", "").count(":") == 1:  # N:M masks; unstructured ones say e.g. "0.5"
                 self.nm = NM.parse(meta["sparsity"])
+            self.levels = metadata_levels(meta, masks)
         elif logits is not None:
             self.nm = logits_sparsity(logits)
-            self._mask_names, _ = _keys_and_metadata(logits)
+            self._mask_names, meta = _keys_and_metadata(logits)
+            self.levels = logits_levels(logits) if "levels" in meta else None
         unknown = sorted(self._mask_names - set(base.names))
         if unknown:
             raise CheckpointError(f"{masks or logits} has masks for tensors the model lacks: {unknown[:3]}")
@@ -106,7 +112,7 @@ class MaskedSource:
         if self.masks is not None:
             rows, cols = self._shapes[name][:-1], self._shapes[name][-1]
             return unpack_bits(raw, cols).reshape(*rows, cols)
-        return logits_to_masks({name: raw}, self.nm)[name]
+        return logits_to_masks({name: raw}, self.levels or self.nm)[name]
 
     def get(self, name: str) -> torch.Tensor:
         tensor = self.base.get(name)
@@ -229,6 +235,7 @@ class ExportSummary:
     output_file_bytes: int
     seconds: float
     layers: list[dict[str, Any]] = field(default_factory=list)
+    written: dict[str, list[str]] = field(default_factory=dict)  # how each sparse layer was stored -> names
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,14 +258,15 @@ def _natural(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def _output_config(source: MaskedSource, options: ExportOptions, nm: NM, dtype: str, sparse: list[str],
-                   linears: list[str]) -> dict:
+def _output_config(source: MaskedSource, options: ExportOptions, levels: dict[str, SparsityTarget], dtype: str,
+                   sparse: list[str], linears: list[str]) -> dict:
     config = source.config()
     config.pop("quantization_config", None)
     config["dtype"] = dtype
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype
-    if options.format == "compressed" and nm == NM(2, 4):
+    # only when every stored-sparse layer is 2:4 can compressed-tensors read the folder
+    if options.format == "compressed" and all(levels[n] == NM(2, 4) for n in sparse):
         # compressed-tensors (<= 0.14) and vLLM (<= 0.19) read this. All decoder linears sparse: the usual
         # ["Linear"] minus lm_head; otherwise the exact module names.
         layers = [n[: -len(".weight")] for n in sorted(sparse, key=_natural)]
@@ -277,15 +285,20 @@ def write_sharded(source: MaskedSource, out: Path, options: ExportOptions, execu
     start = time.perf_counter()
     nm = options.sparsity or source.nm or NM(2, 4)
     linears, chosen = sparse_weight_names(source.folder, options.targets, options.ignore)
-    sparse = set(chosen)
+    # each chosen layer's level: --sparsity for all, else the run's per-layer levels, else one N:M
+    levels = {n: options.sparsity or (source.levels or {}).get(n, nm) for n in chosen}
+    mixed = options.sparsity is None and source.levels is not None and set(levels.values()) != {nm}
     entries, dtypes = [], []
     for name in sorted(source.names, key=_natural):
         shape, src_dtype = source.info(name)
         dtype = DTYPES[options.dtype] if options.dtype and src_dtype.is_floating_point else src_dtype
         dtypes.append(dtype)
-        if name in sparse:
-            check_divisible(shape[-1], nm.m, f"{name} (leave it out with --ignore)")
-        entries.append(make_entry(name, shape, dtype, nm if name in sparse else None, options.format == "compressed"))
+        level = levels.get(name)
+        if isinstance(level, NM):
+            check_divisible(shape[-1], level.m, f"{name} (leave it out with --ignore)")
+        # unstructured layers have no N:M pattern to store or check: dense with zeros
+        entries.append(make_entry(name, shape, dtype, level if isinstance(level, NM) else None,
+                                  options.format == "compressed"))
     floats = [d for d in dtypes if d.is_floating_point]
     dtype_name = options.dtype or next((k for k, v in DTYPES.items() if floats and v == floats[0]), "float32")
     plans = plan_shards(entries, parse_size(options.shard_size))
@@ -297,31 +310,56 @@ def write_sharded(source: MaskedSource, out: Path, options: ExportOptions, execu
             progress(result, done[0], len(plans))
 
     sparse_names = [e.name for e in entries if e.nm is not None]
+    written = _written(entries, levels)
     # A manifest vouches for the data: only over a source that was verified (its own manifest, or in full)
     manifest = None
+    if mixed and source.verification == "none" and options.format == "compressed":
+        raise ConfigError(f"{source.folder} has mixed per-layer levels: a compressed export records each layer's N:M "
+                          "in its manifest, which an unverified export does not get; drop --trust-unverified, or "
+                          "export with --to dense")
     if source.verification != "none":
-        manifest = {"layout": options.format, "sparsity": str(nm), "dtype": dtype_name, "sparse_layers": sparse_names,
-                    "source": str(source.folder), "source_verification": source.verification}
+        manifest = {"layout": options.format, "sparsity": "mixed" if mixed else str(nm), "dtype": dtype_name,
+                    "sparse_layers": sparse_names, "source": str(source.folder),
+                    "source_verification": source.verification}
+        if mixed:  # every chosen layer's level, including the unstructured ones stored dense
+            manifest["levels"] = {n: level_text(lv) for n, lv in sorted(levels.items(), key=lambda kv: _natural(kv[0]))}
     else:
         log.warning("%s was read unverified (--trust-unverified): %s gets no manifest, and is verified in full "
                     "whenever it is read", source.folder, out)
     results = write_checkpoint(
         source, out, plans,
-        _output_config(source, options, nm, dtype_name, sparse_names, linears), manifest,
+        _output_config(source, options, levels, dtype_name, sparse_names, linears), manifest,
         source.support_files(), options.dtype, executor, options.overwrite, on_shard, mark="export",
     )
     layers = sorted((layer for r in results for layer in r.layers), key=lambda s: _natural(s.name))
     numel = sum(int(torch.Size(s.shape).numel()) for s in layers)
     return ExportSummary(
-        source=str(source.folder), output=str(out), format=options.format, sparsity=str(nm), dtype=dtype_name,
+        source=str(source.folder), output=str(out), format=options.format, sparsity="mixed" if mixed else str(nm),
+        dtype=dtype_name,
         shards=len(results), sparse_layers=len(layers),
         sparse_density=sum(s.kept for s in layers) / max(numel, 1),
         linear_dense_bytes=sum(s.dense_bytes for s in layers), linear_stored_bytes=sum(s.stored_bytes for s in layers),
         dense_bytes=sum(e.dense_bytes for e in entries), stored_bytes=sum(r.tensor_bytes for r in results),
         source_file_bytes=sum(p.stat().st_size for p in source.weight_files()),
         output_file_bytes=sum(r.file_bytes for r in results), seconds=time.perf_counter() - start,
-        layers=[asdict(s) for s in layers],
+        layers=[asdict(s) for s in layers], written=written,
     )
+
+
+def _written(entries: list, levels: dict[str, SparsityTarget]) -> dict[str, list[str]]:
+    """How each chosen layer is stored: the export's message and summary."""
+    out: dict[str, list[str]] = {}
+    for e in entries:
+        if e.name not in levels:
+            continue
+        if e.compress:
+            how = "sparse-24-bitmask" if e.nm == NM(2, 4) else f"{e.nm} bitmask (compressor layout)"
+        elif e.nm is not None:
+            how = f"dense with zeros ({e.nm} checked)"
+        else:
+            how = f"dense with zeros (unstructured {level_text(levels[e.name])})"
+        out.setdefault(how, []).append(e.name)
+    return out
 
 
 WRITERS: dict[str, Callable[..., ExportSummary]] = {"compressed": write_sharded, "dense": write_sharded}
@@ -369,4 +407,8 @@ def format_summary(s: ExportSummary) -> str:
         f"  all tensors   : {_mb(s.dense_bytes)} dense -> {_mb(s.stored_bytes)} stored "
         f"({s.stored_bytes / max(s.dense_bytes, 1):.4f}x)",
         f"  files         : {_mb(s.source_file_bytes)} before -> {_mb(s.output_file_bytes)} after",
+        *(f"  {how}: {len(names)} layer(s), e.g. {names[0]}" for how, names in s.written.items() if s.sparsity == "mixed"),
+        *([f"  mixed levels: readable by load_compressed_model and `compressor export --to dense` "
+           "(compressed-tensors reads only all-2:4 exports)"]
+          if s.sparsity == "mixed" and s.format == "compressed" else []),
     ])

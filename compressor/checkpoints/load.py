@@ -22,6 +22,7 @@ from compressor.errors import CheckpointError
 from compressor.execution.base import Executor, InProcessExecutor
 from compressor.models.lazy import read_weight_map
 from compressor.sparsity.nm import NM
+from compressor.sparsity.plan import parse_level
 from compressor.utils.fs import read_json
 from compressor.utils.logging import get_logger
 
@@ -29,9 +30,10 @@ log = get_logger(__name__)
 
 
 def checkpoint_sparsity(folder: Path, manifest: Optional[dict]) -> Optional[NM]:
-    """The N:M of a checkpoint: from our manifest, else from a compressed-tensors ``sparsity_config``."""
+    """The N:M of a checkpoint: from our manifest, else from a compressed-tensors ``sparsity_config``;
+    None for a mixed export (its manifest's ``levels`` give each layer's)."""
     if manifest and manifest.get("sparsity"):
-        return NM.parse(manifest["sparsity"])
+        return None if manifest["sparsity"] == "mixed" else NM.parse(manifest["sparsity"])
     config = folder / "config.json"
     if config.is_file():
         sparsity = (read_json(config, CheckpointError).get("quantization_config") or {}).get("sparsity_config") or {}
@@ -61,15 +63,16 @@ class CheckpointReader:
         else:
             raise CheckpointError(f"{self.folder} has no {INDEX_NAME} and no model.safetensors")
         self.nm = checkpoint_sparsity(self.folder, self.manifest)
+        self.levels = _manifest_levels(self.folder, self.manifest)  # a mixed export's per-layer levels
         prefixes = {k[: -len(".bitmask")] for k in self.stored if k.endswith(".bitmask")}
         for prefix in sorted(prefixes):
             missing = [s for s in SUFFIXES if f"{prefix}.{s}" not in self.stored]
             if missing:
                 raise CheckpointError(f"{self.folder}: compressed layer {prefix} lacks {', '.join(missing)}")
-        if prefixes and self.nm is None:
-            raise CheckpointError(
-                f"{self.folder}: compressed layers but no N:M sparsity in manifest.json or config.json"
-            )
+            if not isinstance(self._level(f"{prefix}.weight"), NM):
+                raise CheckpointError(
+                    f"{self.folder}: compressed layer {prefix} but no N:M sparsity for it in manifest.json or config.json"
+                )
         self.compressed = {f"{p}.weight" for p in prefixes}
         parts = {f"{p}.{s}" for p in prefixes for s in SUFFIXES}
         self.names = sorted(self.compressed | {k for k in self.stored if k not in parts})
@@ -80,6 +83,10 @@ class CheckpointReader:
         elif self.verification == "full":
             self._expected = _expected_shapes(self.folder)
             self._check_names()
+
+    def _level(self, name: str):
+        """The level a weight was stored at: its own in a mixed export, else the checkpoint's N:M."""
+        return self.levels.get(name) if self.levels is not None else self.nm
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handles": {}}
@@ -185,7 +192,7 @@ class CheckpointReader:
             keys = compressed_keys(name)
             parts = {suffix: self._raw(key) for suffix, key in keys.items()}
             where = f"{self.folder / self.stored[keys['bitmask']]}: tensor {keys['bitmask']}"
-            return self._check_tensor(name, decompress_nm(parts, self.nm, where))
+            return self._check_tensor(name, decompress_nm(parts, self._level(name), where))
         if name not in self.stored:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {self.folder}")
         return self._check_tensor(name, self._raw(name))
@@ -195,6 +202,15 @@ _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+
+
+def _manifest_levels(folder: Path, manifest: Optional[dict]) -> Optional[dict[str, Any]]:
+    if not manifest or "levels" not in manifest:
+        return None
+    try:
+        return {name: parse_level(text) for name, text in manifest["levels"].items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{folder / MANIFEST_NAME}: bad per-layer levels ({exc}); re-run the export") from exc
 
 
 def _try_manifest(folder: Path) -> Optional[dict]:
@@ -292,8 +308,10 @@ def load_compressed_model(
     if left:
         raise CheckpointError(f"{folder}: the checkpoint lacks {len(left)} tensor(s) of the model, e.g. {left[:3]}")
     model.to(device).eval()
-    if semi_structured and reader.compressed:
-        use_semi_structured(model, sorted(n[: -len(".weight")] for n in reader.compressed), reader.nm)
+    if semi_structured and reader.compressed:  # a mixed export: its 2:4 layers only
+        layers = sorted(n[: -len(".weight")] for n in reader.compressed if reader._level(n) == reader.nm or
+                        reader._level(n) == NM(2, 4))
+        use_semi_structured(model, layers, reader.nm or NM(2, 4))
     return model
 
 

@@ -2,14 +2,16 @@
 
 A weight (out, in) at N:M sparsity has one logit per candidate pattern of each group:
 (out, in / M, C(M, N)), patterns in the order of ``compressor.sparsity.nm_patterns``. The file is a
-safetensors file keyed by weight name with metadata ``{"format": "compressor.logits.v1", "sparsity": "N:M"}``.
+safetensors file keyed by weight name with metadata ``{"format": "compressor.logits.v1", "sparsity": "N:M"}``;
+a run with a mixed plan writes ``"levels"`` (JSON, weight name -> "N:M") and ``"sparsity": "mixed"``.
 """
 
 from __future__ import annotations
 
+import json
 from math import comb
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from safetensors import safe_open
@@ -31,18 +33,30 @@ def _check_shape(name: str, logits: torch.Tensor, nm: NM, where: str) -> None:
         )
 
 
-def save_logits(path: str | Path, logits: Mapping[str, torch.Tensor], sparsity: NM | str) -> None:
-    nm = NM.parse(sparsity)
+def save_logits(path: str | Path, logits: Mapping[str, torch.Tensor], sparsity: NM | str,
+                levels: Optional[Mapping[str, NM]] = None) -> None:
+    """``levels``: each layer's own N:M by weight name (a mixed plan; ``sparsity`` is then ignored)."""
+    per_layer = {name: NM.parse(levels[name]) if levels else NM.parse(sparsity) for name in logits}
     for name, value in logits.items():
-        _check_shape(name, value, nm, str(path))
+        _check_shape(name, value, per_layer[name], str(path))
     tensors = {name: value.detach().float().cpu().contiguous() for name, value in logits.items()}
-    atomic_save_safetensors(tensors, path, metadata={"format": FORMAT, "sparsity": str(nm)})
+    meta = {"format": FORMAT, "sparsity": str(NM.parse(sparsity)) if not levels else "mixed"}
+    if levels:
+        meta["levels"] = json.dumps({name: str(nm) for name, nm in per_layer.items()})
+    atomic_save_safetensors(tensors, path, metadata=meta)
 
 
-def logits_sparsity(path: str | Path) -> NM:
-    """The N:M sparsity a logits file was learned for."""
+def logits_sparsity(path: str | Path) -> Optional[NM]:
+    """The N:M sparsity a logits file was learned for; None for a file of mixed levels (``logits_levels``)."""
     with _open(path) as fh:
-        return _sparsity(fh.metadata() or {}, path)
+        meta = fh.metadata() or {}
+        return None if "levels" in meta else _sparsity(meta, path)
+
+
+def logits_levels(path: str | Path) -> dict[str, NM]:
+    """Each layer's N:M (weight name -> NM), for uniform and mixed files alike."""
+    with _open(path) as fh:
+        return _levels(fh.metadata() or {}, list(fh.keys()), path)
 
 
 def load_logits(path: str | Path) -> dict[str, torch.Tensor]:
@@ -50,14 +64,14 @@ def load_logits(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         with _open(path) as fh:
-            nm = _sparsity(fh.metadata() or {}, path)
+            levels = _levels(fh.metadata() or {}, list(fh.keys()), path)
             out = {name: fh.get_tensor(name) for name in fh.keys()}
     except CheckpointError:
         raise
     except Exception as exc:  # safetensors raises several types for truncated / corrupt files
         raise CheckpointError(f"cannot read logits file {path}: {exc}") from exc
     for name, value in out.items():
-        _check_shape(name, value, nm, str(path))
+        _check_shape(name, value, levels[name], str(path))
     return out
 
 
@@ -77,14 +91,15 @@ def load_dist_logits(folder: str | Path) -> dict[str, torch.Tensor]:
     return {k[len(DIST_PREFIX):]: reader.read_full(k) for k in wanted}
 
 
-def logits_to_masks(logits: Mapping[str, torch.Tensor], nm: NM | str) -> dict[str, torch.Tensor]:
-    """The most likely pattern of every group: name -> (out, in) bool mask with exactly N kept per group."""
-    nm = NM.parse(nm)
+def logits_to_masks(logits: Mapping[str, torch.Tensor], nm: NM | str | Mapping[str, NM]) -> dict[str, torch.Tensor]:
+    """The most likely pattern of every group: name -> (out, in) bool mask with exactly N kept per group.
+    ``nm``: one N:M for all, or each name's own."""
     masks = {}
     for name, value in logits.items():
-        _check_shape(name, value, nm, "logits")
+        level = NM.parse(nm[name] if isinstance(nm, Mapping) else nm)
+        _check_shape(name, value, level, "logits")
         index = value.argmax(dim=-1)  # (out, in/M)
-        masks[name] = patterns_to_mask(index, nm)  # (out, in)
+        masks[name] = patterns_to_mask(index, level)  # (out, in)
     return masks
 
 
@@ -96,6 +111,21 @@ def _open(path: str | Path):
         return safe_open(str(path), framework="pt")
     except Exception as exc:
         raise CheckpointError(f"cannot read logits file {path}: {exc}") from exc
+
+
+def _levels(meta: dict, names: list[str], path: str | Path) -> dict[str, NM]:
+    if "levels" not in meta:
+        return dict.fromkeys(names, _sparsity(meta, path))
+    if meta.get("format") != FORMAT:
+        _sparsity(meta, path)  # raises: not a logits file
+    try:
+        levels = {name: NM.parse(text) for name, text in json.loads(meta["levels"]).items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: bad per-layer levels in the metadata ({exc})") from exc
+    missing = [n for n in names if n not in levels]
+    if missing:
+        raise CheckpointError(f"{path}: no level recorded for the logits of {missing[0]}")
+    return levels
 
 
 def _sparsity(meta: dict, path: str | Path) -> NM:

@@ -1,31 +1,42 @@
 """Masks on disk: one bit per weight, packed along each row, in a safetensors file.
 
 Keys are the weight names (``model.layers.0.self_attn.q_proj.weight``); the metadata records each
-mask's shape (rows are padded to whole bytes) and the sparsity the masks were made for.
+mask's shape (rows are padded to whole bytes) and the sparsity the masks were made for: ``sparsity``
+(one level for every mask: "2:4", "0.5") and/or ``levels`` (JSON, weight name -> level, written by runs
+with a sparsity plan; files without it are uniform).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from safetensors import safe_open
 
 from compressor.errors import CheckpointError
 from compressor.sparsity.bitpack import pack_bits, unpack_bits
+from compressor.sparsity.nm import SparsityTarget
+from compressor.sparsity.plan import parse_level
 from compressor.utils.fs import atomic_save_safetensors
 
 FORMAT = "compressor.masks.v1"
 
 
-def save_masks(path: str | Path, masks: Mapping[str, torch.Tensor], sparsity: Optional[str] = None) -> None:
+def save_masks(path: str | Path, masks: Mapping[str, torch.Tensor], sparsity: Optional[str] = None,
+               levels: Optional[Mapping[str, str]] = None) -> None:
+    """``levels``: each mask's level text by weight name (a mixed plan); ``sparsity``: the one level of all."""
     packed = {name: pack_bits(mask.bool().cpu()).contiguous() for name, mask in masks.items()}
     shapes = {name: list(mask.shape) for name, mask in masks.items()}
     meta = {"format": FORMAT, "shapes": json.dumps(shapes)}
     if sparsity is not None:
         meta["sparsity"] = str(sparsity)
+    if levels is not None:
+        missing = sorted(set(masks) - set(levels))
+        if missing:
+            raise ValueError(f"save_masks: no level for {len(missing)} masks, e.g. {missing[0]}")
+        meta["levels"] = json.dumps({name: str(levels[name]) for name in masks})
     atomic_save_safetensors(packed, path, metadata=meta)
 
 
@@ -56,3 +67,19 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
 def mask_file_sparsity(path: str | Path) -> Optional[str]:
     with safe_open(str(path), framework="pt") as fh:
         return (fh.metadata() or {}).get("sparsity")
+
+
+def metadata_levels(meta: Mapping[str, str], path: Any = "masks") -> Optional[dict[str, SparsityTarget]]:
+    """Per-mask levels (weight name -> level) from a mask or logits file's metadata; None for a uniform
+    file (one ``sparsity`` for all, as every file before sparsity plans)."""
+    if "levels" not in meta:
+        return None
+    try:
+        return {name: parse_level(text) for name, text in json.loads(meta["levels"]).items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: bad per-layer levels in the metadata ({exc})") from exc
+
+
+def mask_file_levels(path: str | Path) -> Optional[dict[str, SparsityTarget]]:
+    with safe_open(str(path), framework="pt") as fh:
+        return metadata_levels(fh.metadata() or {}, path)

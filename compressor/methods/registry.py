@@ -1,103 +1,61 @@
 """One entry point for every one-shot method: a per-layer job (weight, statistics, options) -> result.
 
-The pipeline asks a method which input statistic it needs and later calls ``solve_layer`` (or
-``solve_layers`` for layers reading the same inputs) through whatever executor it uses; methods never
-learn how they are scheduled.
+The pipeline asks a method (``METHODS[name]``, see ``compressor.methods.interface``) which input
+statistic it needs and later calls ``solve_layer`` (or ``solve_layers`` for layers reading the same
+inputs) through whatever executor it uses; methods never learn how they are scheduled.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
-from pydantic import Field, PositiveInt
 
 from compressor.calibration.stats import InputStats, StatsKind
-from compressor.config.base import StrictModel
-from compressor.methods.magnitude import magnitude_mask
-from compressor.methods.sparsegpt import HessianFactor, hessian_factor, sparsegpt
-from compressor.methods.wanda import wanda_mask
-from compressor.sparsity import NM, SparsityTarget
+from compressor.methods.interface import (
+    METHODS, LayerJob, LayerResult, OneShotMethod, get_method, register, section_options,
+)
+from compressor.methods.oneshot import MagnitudeOptions, SparseGPTOptions, SparseSwapsOptions, WandaOptions
 
-MethodName = Literal["magnitude", "wanda", "sparsegpt", "sparseswaps"]
-
-
-class MagnitudeOptions(StrictModel):
-    pass
-
-
-class WandaOptions(StrictModel):
-    pass
+__all__ = [
+    "METHODS", "LayerJob", "LayerResult", "OneShotMethod", "get_method", "register", "section_options", "STATS_NEEDED",
+    "MagnitudeOptions", "WandaOptions", "SparseGPTOptions", "SparseSwapsOptions", "has_shared_factor",
+    "shared_factor", "row_separable", "merge_row_chunks", "stackable", "split_rows", "solve_layer", "solve_layers",
+]
 
 
-class SparseGPTOptions(StrictModel):
-    damp: float = Field(0.01, gt=0, lt=1)  # fraction of the mean Hessian diagonal added to it
-    block_size: PositiveInt = 128  # lazy-update column block
-    update_weights: bool = True  # False: keep the original weights, use only the mask
+class _StatsNeeded(Mapping[str, StatsKind]):
+    """``STATS_NEEDED[method]``: the statistics kind a registered method reads (a live view of METHODS)."""
+
+    def __getitem__(self, name: str) -> StatsKind:
+        return get_method(name).stats
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(METHODS)
+
+    def __len__(self) -> int:
+        return len(METHODS)
 
 
-class SparseSwapsOptions(StrictModel):
-    warm_start: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
-    max_iters: PositiveInt = 1000  # swaps per row at most
-    refit: bool = False  # least-squares re-fit of the kept weights afterwards
-
-
-MethodOptions = Union[MagnitudeOptions, WandaOptions, SparseGPTOptions, SparseSwapsOptions]
-
-STATS_NEEDED: dict[str, StatsKind] = {
-    "magnitude": "none",
-    "wanda": "norms",
-    "sparsegpt": "gram",
-    "sparseswaps": "gram",
-}
-
-
-@dataclass
-class LayerJob:
-    name: str  # weight name, e.g. "model.layers.3.mlp.down_proj.weight"
-    method: str
-    sparsity: SparsityTarget
-    options: Any  # the method's options model
-    sparsegpt: Optional[SparseGPTOptions] = None  # for a SparseGPT warm start
-
-
-@dataclass
-class LayerResult:
-    name: str
-    mask: torch.Tensor  # bool (out, in)
-    weight: Optional[torch.Tensor]  # new weight if the method changed the kept values, else None
-    seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)  # method-specific report items
-    warm_start_mask: Optional[torch.Tensor] = None  # refinement methods: the mask they started from
-
-
-def _sparsegpt_options(job: LayerJob) -> Optional[SparseGPTOptions]:
-    """The SparseGPT options a job runs with, if it runs SparseGPT at all (itself or as a warm start)."""
-    if job.method == "sparsegpt":
-        return job.options if isinstance(job.options, SparseGPTOptions) else (job.sparsegpt or SparseGPTOptions())
-    if job.method == "sparseswaps" and job.options.warm_start == "sparsegpt":
-        return job.sparsegpt or SparseGPTOptions()
-    return None
+STATS_NEEDED: Mapping[str, StatsKind] = _StatsNeeded()
 
 
 def has_shared_factor(job: LayerJob) -> bool:
-    return _sparsegpt_options(job) is not None
+    return get_method(job.method).has_shared_factor(job)
 
 
-def shared_factor(job: LayerJob, stats: InputStats) -> Optional[HessianFactor]:
+def shared_factor(job: LayerJob, stats: InputStats) -> Optional[Any]:
     """The part of a job that depends only on its input statistics (None if ``not has_shared_factor``):
     compute it once per statistics group and pass it to every ``solve_layer`` of that group."""
-    opts = _sparsegpt_options(job)
-    return None if opts is None else hessian_factor(stats.gram, opts.damp, job.name)
+    method = get_method(job.method)
+    return method.shared_factor(job, stats) if method.has_shared_factor(job) else None
 
 
 def row_separable(job: LayerJob) -> bool:
     """Whether solving a slice of the weight's rows gives that slice of the whole layer's result: true
-    for N:M, where every method decides each row on its own; not for unstructured SparseGPT (one
-    threshold per column block over all rows) or magnitude (one threshold per layer)."""
-    return isinstance(job.sparsity, NM)
+    for N:M, where every built-in method decides each row on its own; not for unstructured SparseGPT
+    (one threshold per column block over all rows) or magnitude (one threshold per layer)."""
+    return get_method(job.method).row_separable(job.sparsity)
 
 
 def merge_row_chunks(parts: list[LayerResult]) -> LayerResult:
@@ -116,11 +74,11 @@ def merge_row_chunks(parts: list[LayerResult]) -> LayerResult:
 
 def stackable(jobs: list[LayerJob]) -> bool:
     """Whether jobs on the same inputs can run as one weight stacked along its rows, each taking its own
-    rows of the result: all row separable with the same method and options, and a method whose report
-    items are not per-layer sums over rows (SparseSwaps counts its swaps per layer)."""
+    rows of the result: all row separable with the same method, level and options, and a method whose
+    report items are per-layer sums over rows (SparseSwaps counts its swaps per layer)."""
     first = jobs[0]
     key = (first.method, first.sparsity, first.options, first.sparsegpt)
-    return first.method != "sparseswaps" and all(
+    return get_method(first.method).stackable and all(
         row_separable(j) and (j.method, j.sparsity, j.options, j.sparsegpt) == key for j in jobs)
 
 
@@ -137,7 +95,7 @@ def split_rows(result: LayerResult, names: list[str], rows: list[int]) -> list[L
 
 
 def solve_layers(
-    jobs: list[LayerJob], weights: list[torch.Tensor], stats: InputStats, factor: Optional[HessianFactor] = None
+    jobs: list[LayerJob], weights: list[torch.Tensor], stats: InputStats, factor: Optional[Any] = None
 ) -> list[LayerResult]:
     """Several layers, or row slices of them, that read the same inputs (q/k/v, gate/up): the factor is
     made once for all, and :func:`stackable` jobs run as one stacked weight, since a SparseGPT sweep pays
@@ -151,46 +109,11 @@ def solve_layers(
     return split_rows(whole, [j.name for j in jobs], [w.shape[0] for w in weights])
 
 
-def _one_shot_mask(
-    method: str, job: LayerJob, weight: torch.Tensor, stats: InputStats, factor: Optional[HessianFactor] = None
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    what = job.name
-    if method == "magnitude":
-        return magnitude_mask(weight, job.sparsity, what), None
-    if method == "wanda":
-        return wanda_mask(weight, stats.norms_sq, job.sparsity, what), None
-    if method == "sparsegpt":
-        opts = _sparsegpt_options(job)
-        res = sparsegpt(
-            weight, stats.gram, job.sparsity, what=what, factor=factor,
-            damp=opts.damp, block_size=opts.block_size, update_weights=opts.update_weights,
-        )
-        return res.mask, (res.weight if opts.update_weights else None)
-    raise ValueError(f"unknown one-shot method {method!r}")
-
-
-def solve_layer(
-    job: LayerJob, weight: torch.Tensor, stats: InputStats, factor: Optional[HessianFactor] = None
-) -> LayerResult:
+def solve_layer(job: LayerJob, weight: torch.Tensor, stats: InputStats, factor: Optional[Any] = None) -> LayerResult:
     """Run one method on one layer, or on a slice of its rows if ``row_separable(job)``. ``stats`` must
     hold what ``STATS_NEEDED[job.method]`` names; ``factor`` is ``shared_factor(job, stats)`` or None
     (then it is computed here)."""
-    start = time.perf_counter()
-    if job.method != "sparseswaps":
-        mask, new_weight = _one_shot_mask(job.method, job, weight, stats, factor)
-        return LayerResult(job.name, mask, new_weight, time.perf_counter() - start)
-
-    from compressor.methods.sparseswaps import sparseswaps
-
-    opts: SparseSwapsOptions = job.options
-    warm_job = LayerJob(job.name, opts.warm_start, job.sparsity, None,
-                        (job.sparsegpt or SparseGPTOptions()).model_copy(update={"update_weights": False}))
-    warm_mask, _ = _one_shot_mask(opts.warm_start, warm_job, weight, stats, factor)
-    res = sparseswaps(weight, stats.gram, warm_mask, job.sparsity, max_iters=opts.max_iters, refit=opts.refit)
-    extra = {
-        "swaps": int(res.swaps_per_row.sum()),
-        "swap_loss_before": float(res.loss_before.sum()),
-        "swap_loss_after": float(res.loss_after.sum()),
-    }
-    return LayerResult(job.name, res.mask, res.weight if opts.refit else None,
-                       time.perf_counter() - start, extra, warm_start_mask=warm_mask)
+    method = get_method(job.method)
+    if factor is None and method.has_shared_factor(job):
+        factor = method.shared_factor(job, stats)
+    return method.solve(job, weight, stats, factor)

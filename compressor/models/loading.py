@@ -196,11 +196,16 @@ def load_hf_config(folder: Path, trust_remote_code: bool = False):
 
 def meta_model(folder: Path, dtype: torch.dtype = torch.float32) -> Any:
     """The causal LM an HF folder's config.json describes, on the meta device (no weights read)."""
-    from transformers import AutoModelForCausalLM
-
     config = load_hf_config(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # a compressed export: our loader decompresses, nothing quantizes
+    return meta_model_from_config(config, dtype)
+
+
+def meta_model_from_config(config: Any, dtype: torch.dtype = torch.float32) -> Any:
+    """The causal LM of a transformers config, on the meta device (shapes only, no storage)."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 

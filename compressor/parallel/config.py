@@ -7,10 +7,9 @@ from typing import Any, Literal, Optional
 from pydantic import PositiveInt, field_validator, model_validator
 
 from compressor.config.base import InputPath, StrictModel
+from compressor.methods.registry import METHODS
 from compressor.parallel.ray_config import RayWorkersConfig
 from compressor.training.config import FilePriorRule, MaskLearningConfig
-
-ONE_SHOT_PRIORS = ("magnitude", "wanda", "sparsegpt", "sparseswaps")
 
 
 class DistributedPriorConfig(FilePriorRule):
@@ -22,7 +21,7 @@ class DistributedPriorConfig(FilePriorRule):
     @field_validator("kind", mode="before")
     @classmethod
     def _one_shot_needs_whole_model(cls, value: Any) -> Any:
-        if value in ONE_SHOT_PRIORS:
+        if value in METHODS:
             raise ValueError(
                 f"prior.kind={value!r} runs a one-shot method, which needs the whole model in one process; run "
                 f"`compressor prune` with method {value} first, then give its masks here with kind: file and "
@@ -81,6 +80,12 @@ class DistributedLearnConfig(MaskLearningConfig):
     def num_microbatches(self) -> int:
         return self.parallel.micro_batches or self.train.grad_accum
 
+    @property
+    def megatron_dtype(self) -> str:
+        """The dtype of the megatron model's weights: megatron runs without autocast, so bf16 products need a
+        bf16 model (the logits keep ``maskllm.logits_dtype``)."""
+        return "bfloat16" if "bfloat16" in (self.model.dtype, self.precision.compute) else "float32"
+
     @model_validator(mode="after")
     def _check(self) -> "DistributedLearnConfig":
         p, t = self.parallel, self.train
@@ -90,6 +95,10 @@ class DistributedLearnConfig(MaskLearningConfig):
         if self.method.kind != "maskllm":
             raise ValueError(f"method.kind {self.method.kind!r} is not supported by the distributed (megatron) "
                              "trainer, which learns MaskLLM masks; run it with `compressor learn` (single or deepspeed)")
+        if self.sparsity_plan is not None:
+            raise ValueError("sparsity_plan (a different N:M per layer) is not supported yet with `compressor launch` "
+                             "(the megatron trainer builds one N:M for all its fused linears); use `compressor learn`, "
+                             "or remove sparsity_plan")
         if self.maskllm.train_weights:
             raise ValueError("maskllm.train_weights is not supported by the distributed (megatron) trainer: "
                              "the weights stay frozen there; use backend deepspeed in `compressor learn` for it")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -68,11 +68,24 @@ def _coords(layout: Layout) -> list[int]:
     return [layout.pp_rank, layout.tp_rank, layout.dp_rank]
 
 
-def _my_pieces(masks: MaskSet, dims: LlamaDims, layout: Layout, optimizer) -> dict[str, tuple[torch.Tensor, PieceSpec]]:
-    of = {LOGITS: lambda m: m.logits, EXP_AVG: lambda m: _adam_state(optimizer, m.logits)["exp_avg"],
-          EXP_AVG_SQ: lambda m: _adam_state(optimizer, m.logits)["exp_avg_sq"]}
+def _pieces(masks: MaskSet, dims: LlamaDims, layout: Layout, of: dict[str, Callable[[Any], torch.Tensor]]
+            ) -> dict[str, tuple[torch.Tensor, PieceSpec]]:
     return {prefix + p.hf_name: (p.tensor.detach().contiguous(), PieceSpec(p.dim, p.rank, p.parts))
             for prefix, tensor_of in of.items() for p in local_pieces(masks, dims, layout, tensor_of)}
+
+
+def _my_pieces(masks: MaskSet, dims: LlamaDims, layout: Layout, optimizer) -> dict[str, tuple[torch.Tensor, PieceSpec]]:
+    return _pieces(masks, dims, layout, {
+        LOGITS: lambda m: m.logits, EXP_AVG: lambda m: _adam_state(optimizer, m.logits)["exp_avg"],
+        EXP_AVG_SQ: lambda m: _adam_state(optimizer, m.logits)["exp_avg_sq"]})
+
+
+def piece_layout(masks: MaskSet, dims: LlamaDims, layout: Layout
+                 ) -> dict[str, tuple[torch.Size, torch.dtype, PieceSpec]]:
+    """Name -> (shape, dtype, spec) of every piece ``save`` writes for this rank, from the logits alone (torch's
+    AdamW keeps its states in the logits' shape and dtype); works on a meta-device model."""
+    return {name: (t.shape, t.dtype, spec) for name, (t, spec) in
+            _pieces(masks, dims, layout, dict.fromkeys((LOGITS, EXP_AVG, EXP_AVG_SQ), lambda m: m.logits)).items()}
 
 
 def save(root: str | Path, step: int, masks: MaskSet, optimizer: torch.optim.Optimizer, stream, dims: LlamaDims,

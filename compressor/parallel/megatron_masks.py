@@ -189,11 +189,12 @@ def attach_sharded_masks(
         if tuple(weight.shape) != local_shape(kind, dims, layout.tp_size):
             raise RuntimeError(f"{module_path}: weight shard {tuple(weight.shape)}, expected "
                                f"{local_shape(kind, dims, layout.tp_size)}")
-        full = initial_hf_logits(kind, i, dims, cfg, seed, priors)
         mask = NMMaskParametrization(weight.shape[0], weight.shape[1], cfg.sparsity, init_std=cfg.init_std,
                                      dtype=DTYPES[cfg.logits_dtype], seed=noise_seed(seed, name, layout), name=name,
                                      device=weight.device)
-        mask.load_logits(shard_hf(kind, full, dims, layout.tp_size, layout.tp_rank), what="initial logits")
+        if not weight.is_meta:  # a meta-device model (shape proofs) has no values to start from
+            full = initial_hf_logits(kind, i, dims, cfg, seed, priors)
+            mask.load_logits(shard_hf(kind, full, dims, layout.tp_size, layout.tp_rank), what="initial logits")
         masks[name] = ShardedMask(name, module_path, kind, i, mask)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -130,8 +130,12 @@ def transformer_config(dims: LlamaDims, tp: int, pp: int, dtype: torch.dtype = t
     )
 
 
-def build_gpt_model(dims: LlamaDims, layout: Layout, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """This rank's stage of the GPTModel (random weights until ``load_hf_weights``)."""
+def build_gpt_model(dims: LlamaDims, layout: Layout, dtype: torch.dtype = torch.float32,
+                    pg_collection: Any = None) -> torch.nn.Module:
+    """This rank's stage of the GPTModel (random weights until ``load_hf_weights``).
+
+    ``pg_collection``: megatron's process groups for the model (default: those of ``init_model_parallel``).
+    """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -141,7 +145,7 @@ def build_gpt_model(dims: LlamaDims, layout: Layout, dtype: torch.dtype = torch.
         max_sequence_length=dims.max_positions, pre_process=layout.is_first_stage,
         post_process=layout.is_last_stage, parallel_output=True,
         share_embeddings_and_output_weights=dims.tied, position_embedding_type="rope",
-        rotary_percent=1.0, rotary_base=dims.rope_theta,
+        rotary_percent=1.0, rotary_base=dims.rope_theta, pg_collection=pg_collection,
     )
     _check_layer_offset(model, dims, layout)
     for p in model.parameters():

@@ -50,6 +50,7 @@ from compressor.parallel.megatron_model import (
     Layout, build_gpt_model, destroy_model_parallel, init_distributed, init_model_parallel, load_hf_weights,
     open_hf_folder,
 )
+from compressor.precision import DTYPES
 from compressor.methods.maskllm.schedules import schedule_at
 from compressor.reporting.tensorboard import TENSORBOARD_DIR, ScalarWriter
 from compressor.training.learners.maskllm import maskllm_log_values
@@ -333,8 +334,7 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
 
     folder = _model_folder(cfg)
     _, dims, get = open_hf_folder(folder)
-    # megatron runs without autocast: bf16 products mean a bf16 model (the logits stay float32)
-    dtype = torch.bfloat16 if "bfloat16" in (cfg.model.dtype, cfg.precision.compute) else torch.float32
+    dtype = DTYPES[cfg.megatron_dtype]
     model = build_gpt_model(dims, layout, dtype)
     load_hf_weights(model, get, dims, layout)
     masks = attach_sharded_masks(model, dims, layout, mcfg, seed=t.seed, priors=_priors(cfg),

@@ -5,12 +5,14 @@ A pure calculation, per pipeline stage (every TP rank of a stage holds the same 
 - parameters: frozen weights in the weight dtype (bf16 on GPUs). Column-parallel linears split their
   output rows over TP, row-parallel ones their input columns; the vocab-parallel embedding sits on the
   first stage and the output layer on the last (megatron keeps a copy of a tied embedding there when
-  PP > 1); RMSNorm weights are replicated; Qwen2's q/k/v biases (never masked) split like their rows.
+  PP > 1); RMSNorm weights are replicated and float32 (megatron's torch RMSNorm ignores the weight dtype);
+  Qwen2's q/k/v biases (never masked) split like their rows.
 - logits: C(M, N) per group of M masked weights (6 per 4 weights for 2:4), in the logits dtype; their
   gradients the same again; AdamW 2 states each, in the logits dtype (as torch keeps them).
 - soft mask: what ``compressor.methods.maskllm.mask`` keeps during a step: the float32 Gumbel-Softmax
   probabilities (C / M per weight), the held soft-masked weight W * mask and its accumulated gradient (each
-  in the weight dtype), plus, transiently, one linear's float32 soft mask.
+  in the weight dtype), plus, transiently, the float32 soft mask of one masked linear (megatron masks the fused
+  q/k/v and the fused gate/up as one linear each).
 - activations (the standard estimate of Korthikanti et al. 2022, "Reducing Activation Recomputation in
   Large Transformer Models", redone for LLaMA blocks), bytes per token per layer, with a = activation
   bytes, h hidden, d = kv heads x head dim, I intermediate, H heads, s seq len, t = TP:
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# megatron's local layer spec builds RMSNorm as torch.nn.RMSNorm, which ignores params_dtype: float32 weights.
+NORM_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,11 @@ class ModelDims:
         return {"q_proj": (h, h, "column"), "k_proj": (d, h, "column"), "v_proj": (d, h, "column"),
                 "o_proj": (h, h, "row"), "gate_proj": (i, h, "column"), "up_proj": (i, h, "column"),
                 "down_proj": (h, i, "row")}
+
+    def fused_linear_sizes(self) -> tuple[int, ...]:
+        """Weights of each linear megatron masks as one: fused QKV, attention output, fused gate/up, down."""
+        h, d, i = self.hidden, self.kv_dim, self.intermediate
+        return ((h + 2 * d) * h, h * h, 2 * i * h, h * i)
 
     def masked_per_layer(self) -> int:
         return sum(o * i for o, i, _ in self.linear_shapes().values())
@@ -113,6 +122,9 @@ class StageMemory:
     layers: int
     in_flight: int  # micro-batches whose activations are held
     masked_weights: int
+    param_count: int  # frozen weights (what ``meta_proof`` checks against the built model)
+    logit_count: int
+    largest_masked: int  # weights of the largest masked linear shard (megatron's fused fc1 or QKV)
     parameters: float
     logits: float
     logits_grads: float
@@ -133,6 +145,9 @@ def check_layout(dims: ModelDims, setup: Setup) -> None:
         choices = [d for d in range(1, dims.kv_heads + 1) if dims.kv_heads % d == 0 and dims.heads % d == 0]
         raise ValueError(f"tensor parallel {t} must divide the {dims.heads} attention heads and {dims.kv_heads} "
                          f"KV heads; choose TP from {choices}")
+    for what, size in (("intermediate size", dims.intermediate), ("vocabulary", dims.vocab)):
+        if size % t:  # megatron splits them evenly over TP (its divide() asserts it)
+            raise ValueError(f"tensor parallel {t} must divide the {what} ({size})")
     if dims.layers % p:
         raise ValueError(f"pipeline parallel {p} must divide the {dims.layers} layers")
     for name, (out, inp, split) in dims.linear_shapes().items():
@@ -151,8 +166,8 @@ def plan_memory(dims: ModelDims, setup: Setup) -> list[StageMemory]:
     tokens = s.micro_batch * s.seq_len
     patterns = math.comb(s.m, s.n)
 
-    masked = layers * dims.masked_per_layer() // t
-    largest_linear = max(o * n for o, n, _ in dims.linear_shapes().values()) // t
+    masked = layers * dims.masked_per_layer() // t  # exact: check_layout asserts every split divides
+    largest_linear = max(dims.fused_linear_sizes()) // t
 
     replicated = 4 * h / (t if s.sequence_parallel else 1)
     split = (2 * h + 2 * d + 3 * i) / t
@@ -163,22 +178,22 @@ def plan_memory(dims: ModelDims, setup: Setup) -> list[StageMemory]:
     stages = []
     for stage in range(p):
         first, last = stage == 0, stage == p - 1
-        params = layers * ((dims.masked_per_layer() + dims.bias_per_layer()) / t + 2 * h)
+        norms = layers * 2 * h + (h if last else 0)  # replicated; with the final norm on the last stage
+        params = layers * ((dims.masked_per_layer() + dims.bias_per_layer()) // t) + norms
         if first:
-            params += dims.vocab * h / t
-        if last:
-            params += h  # final norm
-            if p > 1 or not dims.tied_embeddings:
-                params += dims.vocab * h / t
+            params += dims.vocab * h // t
+        if last and (p > 1 or not dims.tied_embeddings):
+            params += dims.vocab * h // t
         in_flight = min(p - stage, s.microbatches) if p > 1 else 1
         if s.recompute:
             activations = in_flight * layers * layer_input + layer_act
         else:
             activations = in_flight * layers * layer_act
-        logits = masked / s.m * patterns
+        logits = masked // s.m * patterns
         stages.append(StageMemory(
-            stage=stage, layers=layers, in_flight=in_flight, masked_weights=masked,
-            parameters=params * s.weight_bytes,
+            stage=stage, layers=layers, in_flight=in_flight, masked_weights=masked, param_count=params,
+            logit_count=logits, largest_masked=largest_linear,
+            parameters=(params - norms) * s.weight_bytes + norms * NORM_BYTES,
             logits=logits * s.logits_bytes,
             logits_grads=logits * s.logits_bytes,
             optimizer_states=s.optimizer_states * logits * s.logits_bytes,
@@ -247,7 +262,7 @@ def setup_from_config(cfg: "DistributedLearnConfig", recompute: bool = False,
     nm, p, t = cfg.maskllm.sparsity, cfg.parallel, cfg.train
     return Setup(
         n=nm.n, m=nm.m,
-        weight_bytes=DTYPE_BYTES[cfg.model.dtype], logits_bytes=DTYPE_BYTES[cfg.maskllm.logits_dtype],
+        weight_bytes=DTYPE_BYTES[cfg.megatron_dtype], logits_bytes=DTYPE_BYTES[cfg.maskllm.logits_dtype],
         tensor=p.tensor, pipeline=p.pipeline, data=p.data,
         micro_batch=t.micro_batch_size, seq_len=t.seq_len, microbatches=cfg.num_microbatches,
         recompute=recompute,
@@ -301,9 +316,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=None,
                         help="default: on when ray.gpus_per_worker > 0")
+    parser.add_argument("--prove", action="store_true",
+                        help="also build every TP x PP rank on the meta device and check the plan and the HF layout "
+                             "against it (compressor.parallel.meta_proof)")
     args = parser.parse_args(argv)
     from compressor.config.base import load_config
-    from compressor.errors import ConfigError
+    from compressor.errors import CompressorError, ConfigError
     from compressor.parallel.config import DistributedLearnConfig
 
     try:
@@ -315,6 +333,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_plan(dims, setup, stages))
+    if args.prove:
+        from compressor.parallel.meta_proof import prove_config
+
+        try:
+            proof = prove_config(cfg, args.preset)
+        except (ValueError, CompressorError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print("\n" + proof.table())
     return 0
 
 

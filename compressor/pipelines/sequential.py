@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -25,11 +25,12 @@ from compressor.calibration.stats import InputStats
 from compressor.execution.base import Executor
 from compressor.execution.schedule import After, Job, run_jobs
 from compressor.methods.objective import reconstruction_error
+from compressor.methods.oneshot import factor_cost, sweep_cost
 from compressor.methods.registry import (
-    STATS_NEEDED,
     LayerJob,
     LayerResult,
     SparseGPTOptions,
+    get_method,
     has_shared_factor,
     merge_row_chunks,
     row_separable,
@@ -58,6 +59,18 @@ class OneShotPlan:
     batch_size: int = 8
     layer_error: bool = True
     precision: Precision = Precision()  # of the pruned stream's passes (the dense stream measures: float32)
+    # a mixed plan: each linear's own level by name ("model.layers.0.mlp.down_proj"); None = ``sparsity``
+    levels: Optional[Mapping[str, SparsityTarget]] = None
+
+    def level_for(self, name: str) -> SparsityTarget:
+        if self.levels is None:
+            return self.sparsity
+        if name not in self.levels:
+            raise KeyError(f"the sparsity plan has no level for {name}")
+        return self.levels[name]
+
+    def describe(self) -> str:
+        return f"{self.method} {self.sparsity if self.levels is None else 'mixed'}"
 
 
 @dataclass
@@ -83,21 +96,6 @@ class OneShotOutcome:
 
 def _weight_name(t: LinearTarget) -> str:
     return f"{t.name}.weight"
-
-
-# SparseGPT's costs in one unit, about one row-column of the column sweep (~55 ns here), fitted to
-# measured times at widths 576 and 1536: the sweep costs cols * (rows + 600), since each group of M
-# columns runs a pass of small operations that costs as much as ~600 rows of updates; the Hessian
-# factor costs cols^3 / 1600.
-_SWEEP_ROWS_PER_COLUMN = 600
-
-
-def sweep_cost(rows: int, cols: int) -> float:
-    return cols * (rows + _SWEEP_ROWS_PER_COLUMN)
-
-
-def factor_cost(cols: int) -> float:
-    return cols**3 / 1600
 
 
 def plan_slices(groups: dict[str, tuple[int, int, bool]], workers: int) -> dict[str, int]:
@@ -152,26 +150,28 @@ def _solve_block(
     layers stacked along their rows with one factor; a group whose chain would hold the block up
     (``plan_slices``) is cut into row slices after a separate factor job. Run critical path first
     (``run_jobs``), so that slices waiting for the widest input's factor are not left for last."""
-    jobs = {t.name: LayerJob(_weight_name(t), plan.method, plan.sparsity, plan.options, plan.sparsegpt) for t in targets}
+    method = get_method(plan.method)
+    jobs = {t.name: LayerJob(_weight_name(t), plan.method, plan.level_for(t.name), plan.options, plan.sparsegpt)
+            for t in targets}
     groups: dict[str, list[LinearTarget]] = {}
     for t in targets:
         groups.setdefault(t.group, []).append(t)
     stat_handles = {g: executor.put(stats.get(g, InputStats("none", ts[0].in_features))) for g, ts in groups.items()}
     shared = {g: has_shared_factor(jobs[ts[0].name]) for g, ts in groups.items()}
-    separable = STATS_NEEDED[plan.method] == "gram" and all(row_separable(j) for j in jobs.values())
+    separable = method.slices_pay and all(row_separable(j) for j in jobs.values())
     parts = plan_slices({g: (sum(t.out_features for t in ts), ts[0].in_features, shared[g]) for g, ts in groups.items()},
                         executor.parallelism if separable else 1)
     work, pieces = [], {}  # pieces: job key -> [(target, first row, end row)] it solves, in row order
     for g, ts in groups.items():
         cols, split = ts[0].in_features, parts[g] > 1
         if split and shared[g]:
-            work.append(Job(("factor", g), shared_factor, (jobs[ts[0].name], stat_handles[g]), factor_cost(cols)))
+            work.append(Job(("factor", g), shared_factor, (jobs[ts[0].name], stat_handles[g]), method.factor_cost(cols)))
         for i, run in enumerate(row_runs([t.out_features for t in ts], parts[g])):
             piece = [(ts[k], r0, r1) for k, r0, r1 in run]
             weights = [block.get_submodule(t.rel).weight.detach()[r0:r1] for t, r0, r1 in piece]
             factor = After(("factor", g)) if split and shared[g] else None
-            inside = factor_cost(cols) if shared[g] and not split else 0.0  # the job makes its own factor
-            cost = sweep_cost(sum(r1 - r0 for _, r0, r1 in piece), cols) + inside
+            inside = method.factor_cost(cols) if shared[g] and not split else 0.0  # the job makes its own factor
+            cost = method.cost(sum(r1 - r0 for _, r0, r1 in piece), cols) + inside
             key = ("solve", g, i)
             work.append(Job(key, solve_layers, ([jobs[t.name] for t, _, _ in piece], weights, stat_handles[g], factor), cost))
             pieces[key] = piece
@@ -210,7 +210,7 @@ def prune_sequential(
     if not targets:
         raise ValueError(f"no linear layer matches targets={list(plan.targets)} ignore={list(plan.ignore)}")
     per_block = by_block(targets)
-    needs = STATS_NEEDED[plan.method]
+    needs = get_method(plan.method).stats
     blocks = decoder_blocks(model, arch)
 
     pruned_in: Optional[BlockInputs] = None
@@ -224,7 +224,7 @@ def prune_sequential(
     masks: dict[str, torch.Tensor] = {}
     reports: list[LayerReport] = []
     resumed = 0
-    for k in tqdm(range(len(blocks)), desc=f"{plan.method} {plan.sparsity}", unit="block"):
+    for k in tqdm(range(len(blocks)), desc=plan.describe(), unit="block"):
         if on_block_start is not None:
             on_block_start(k)
         block, block_targets = blocks[k], per_block.get(k, [])
@@ -256,9 +256,10 @@ def prune_sequential(
         if pruned_in is not None:
             with timer.phase("calibrate"):
                 pruned_in = run_block(block, pruned_in, precision=plan.precision)
-        if isinstance(plan.sparsity, NM):
-            for t in block_targets:
-                assert_nm(block.get_submodule(t.rel).weight, plan.sparsity, t.name)
+        for t in block_targets:  # every layer against its own level
+            level = plan.level_for(t.name)
+            if isinstance(level, NM):
+                assert_nm(block.get_submodule(t.rel).weight, level, t.name)
         if on_block_done is not None:
             on_block_done(k)
     return OneShotOutcome(masks, reports, timer, resumed)

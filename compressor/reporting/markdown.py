@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -36,6 +36,7 @@ def prune_report_markdown(report: Mapping[str, Any]) -> str:
             note = f" ({ppl['note']})" if ppl.get("note") else ""
             parts.append(f"\n**Perplexity, {label}:** {ppl['perplexity']:.3f} over {ppl['windows']} windows of "
                          f"{ppl['window_length']}{note}")
+    parts += plan_markdown(report.get("plan"))
     if s.get("error_by_type"):
         parts += ["", "## Mean layer error by type", "",
                   table(["type", "error"], sorted(s["error_by_type"].items()))]
@@ -43,6 +44,18 @@ def prune_report_markdown(report: Mapping[str, Any]) -> str:
     for plot in report.get("outputs", {}).get("plots", []):
         parts += ["", f"![{plot}]({plot})"]
     return "\n".join(parts) + "\n"
+
+
+def plan_markdown(plan: Optional[Mapping[str, Any]]) -> list[str]:
+    """The per-layer level table of a run with a sparsity plan (nothing for a uniform run)."""
+    if not plan:
+        return []
+    declared = f", declared target {plan['target']}" if plan.get("target") is not None else ""
+    return ["", "## Sparsity plan", "",
+            f"From `{plan['file']}`: parameter-weighted average sparsity {plan['average_sparsity']:.6f} "
+            f"(exactly {plan['average_sparsity_exact']} of {plan['parameters']} weights{declared}).", "",
+            table(["layer", "shape", "level", "sparsity"],
+                  [[r["name"], f"{r['out']} x {r['in']}", r["level"], r["sparsity"]] for r in plan["levels"]])]
 
 
 def learn_report_markdown(report: Mapping[str, Any]) -> str:
@@ -65,6 +78,7 @@ def learn_report_markdown(report: Mapping[str, Any]) -> str:
     ]
     parts = [f"# {report['method']} {report.get('sparsity') or ''} on {report['model']['source']}", "",
              table(["metric", "value"], rows)]
+    parts += plan_markdown(report.get("plan"))
     ppl = report.get("perplexity")
     if ppl:
         note = f" ({ppl['note']})" if ppl.get("note") else ""

@@ -107,6 +107,37 @@ def evaluation_plots(out: Path, report: Mapping[str, Any]) -> list[Path]:
     return [path.relative_to(out)] if path else []
 
 
+def block_and_type(name: str) -> tuple[int, str]:
+    """``model.layers.3.mlp.down_proj(.weight)`` -> (3, "down_proj")."""
+    parts = name.removesuffix(".weight").split(".")
+    block = next((int(p) for p in parts if p.isdigit()), 0)
+    return block, parts[-1]
+
+
+def plot_level_heatmap(levels: Mapping[str, Any], path: str | Path, title: str) -> Path:
+    """Sparsity per layer as a blocks x layer-type grid, each cell labelled with its level ("2:4", "0.5").
+    ``levels``: linear name -> SparsityTarget."""
+    from compressor.sparsity.plan import level_sparsity, level_text
+
+    cells = {block_and_type(name): level for name, level in levels.items()}
+    blocks = sorted({b for b, _ in cells})
+    types = list(dict.fromkeys(t for _, t in cells))
+    grid = [[float(level_sparsity(cells[b, t])) if (b, t) in cells else float("nan") for b in blocks] for t in types]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(min(18.0, 2.5 + 0.6 * len(blocks)), 1.2 + 0.45 * len(types)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    for i, t in enumerate(types):
+        for j, b in enumerate(blocks):
+            if (b, t) in cells:
+                ax.text(j, i, level_text(cells[b, t]), ha="center", va="center", fontsize=6, color="white")
+    ax.set_xticks(range(len(blocks)), blocks, fontsize=7)
+    ax.set_yticks(range(len(types)), types, fontsize=7)
+    ax.set_xlabel("decoder block")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="sparsity")
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     plt = _pyplot()
     path = Path(path)

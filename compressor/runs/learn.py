@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -18,7 +18,8 @@ from compressor.checkpoints.masks import load_masks, save_masks
 from compressor.config.base import input_paths
 from compressor.errors import ConfigError, SparsityPatternError
 from compressor.execution.base import InProcessExecutor
-from compressor.methods.registry import STATS_NEEDED
+from compressor.methods.maskllm.config import check_pattern_count
+from compressor.methods.registry import STATS_NEEDED, section_options
 from compressor.methods.sparse_training.flops import linear_gemm_flops
 from compressor.models.checks import assert_finite_weights
 from compressor.models.layers import prunable_linears
@@ -29,6 +30,8 @@ from compressor.reporting.markdown import learn_report_markdown
 from compressor.reporting.plots import evaluation_plots, plot_lines
 from compressor.reporting.tensorboard import TENSORBOARD_DIR, ScalarWriter
 from compressor.runs.common import evaluate, eval_windows_for, finish_report, save_or_check_config
+from compressor.runs.plans import PLAN_FILE, record_plan, resolve_plan, setup_plan, uniform_text, weight_levels
+from compressor.sparsity.plan import PlanError, ResolvedPlan, SparsityPlan, level_text
 from compressor.sparsity import NM, is_nm, unpack_bits
 from compressor.training.backends import Backend, DeepSpeedBackend, SingleProcessBackend
 from compressor.training.config import USES_PRIOR, LearnConfig
@@ -43,9 +46,11 @@ from compressor.utils.timing import PhaseTimer
 log = get_logger(__name__)
 
 
-def prior_masks(cfg: LearnConfig, names: list[str]) -> Optional[dict[str, torch.Tensor]]:
+def prior_masks(cfg: LearnConfig, names: list[str], levels: Optional[Mapping[str, NM]] = None
+                ) -> Optional[dict[str, torch.Tensor]]:
     """The prior's masks (weight names -> bool): MaskLLM's initial logits, the mask fixed-mask fine-tuning
-    trains under; None for random logits or a method that starts from the weights alone."""
+    trains under; None for random logits or a method that starts from the weights alone. ``levels``: the
+    sparsity plan's level of each linear (a one-shot prior is made with them)."""
     prior = cfg.prior
     if prior.kind == "none" or cfg.method.kind not in USES_PRIOR:
         return None
@@ -61,9 +66,9 @@ def prior_masks(cfg: LearnConfig, names: list[str]) -> Optional[dict[str, torch.
         loaded = load_model(cfg.model)
         c = prior.calibration
         windows = calibration_windows(load_token_ids(c.data, loaded.tokenizer), c.num_windows, c.seq_len, c.seed)
-        options = {"sparsegpt": prior.sparsegpt, "sparseswaps": prior.sparseswaps}.get(prior.kind)
-        plan = OneShotPlan(prior.kind, cfg.sparsity, options, prior.sparsegpt, tuple(cfg.targets),
-                           tuple(cfg.ignore), c.batch_size, layer_error=False, precision=cfg.precision)
+        plan = OneShotPlan(prior.kind, cfg.sparsity, section_options(prior, prior.kind), prior.sparsegpt,
+                           tuple(cfg.targets), tuple(cfg.ignore), c.batch_size, layer_error=False,
+                           precision=cfg.precision, levels=levels)
         if STATS_NEEDED[prior.kind] == "none":
             windows = windows[:0]
         masks = prune_sequential(loaded.model, loaded.arch, windows, plan, InProcessExecutor()).masks
@@ -72,7 +77,27 @@ def prior_masks(cfg: LearnConfig, names: list[str]) -> Optional[dict[str, torch.
     if missing:
         raise ConfigError(f"the prior has no mask for {len(missing)} layers, e.g. {missing[0]}; "
                           "it was made for other targets or another model")
+    for name, level in (levels or {}).items():  # a file prior made for other levels would fail deep inside
+        if not is_nm(masks[f"{name}.weight"], level):
+            raise ConfigError(f"the prior's mask of {name} is not {level}, the sparsity plan's level of that layer")
     return {n: masks[n] for n in names}
+
+
+def maskllm_levels(cfg: LearnConfig, targets) -> Optional[ResolvedPlan]:
+    """The sparsity plan of a MaskLLM run, resolved and checked: MaskLLM learns one logit per keep-pattern
+    of each group, so every level must be N:M with few enough patterns."""
+    if cfg.sparsity_plan is None:
+        return None
+    resolved = resolve_plan(cfg.sparsity_plan, targets)
+    for name, level in resolved.levels.items():
+        if not isinstance(level, NM):
+            raise PlanError(f"sparsity plan {cfg.sparsity_plan}: {name} has the unstructured level {level_text(level)}; "
+                            "MaskLLM learns N:M masks only (one logit per pattern of C(M, N)): give it an N:M level")
+        try:
+            check_pattern_count(level)
+        except ValueError as e:
+            raise PlanError(f"sparsity plan {cfg.sparsity_plan}: {name}: {e}") from None
+    return resolved
 
 
 def make_stream(cfg: LearnConfig, tokenizer, rank: int, world_size: int):
@@ -116,9 +141,11 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
     model, tokenizer = loaded.model, loaded.tokenizer
     targets = prunable_linears(model, loaded.arch, cfg.targets, cfg.ignore)
     names = [f"{t.name}.weight" for t in targets]
+    resolved = maskllm_levels(cfg, targets)  # before any work
+    levels = None if resolved is None else resolved.levels
     with timer.phase("prior"):
-        priors = None if cfg.init_logits else prior_masks(cfg, names)
-    learner = make_learner(cfg, priors)
+        priors = None if cfg.init_logits else prior_masks(cfg, names, levels)
+    learner = make_learner(cfg, priors, levels)
     params = learner.attach(model, [n[: -len(".weight")] for n in names])
     log_precision(cfg.precision, "learn")
     objective = make_objective(cfg)
@@ -143,7 +170,8 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
         return None
 
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len * backend.world_size  # per micro-batch of all ranks
-    report: dict[str, Any] = {"method": cfg.method.kind, "sparsity": None if cfg.sparsity is None else str(cfg.sparsity),
+    sparsity = "mixed" if resolved is not None else None if cfg.sparsity is None else str(cfg.sparsity)
+    report: dict[str, Any] = {"method": cfg.method.kind, "sparsity": sparsity,
                               "model": {"source": cfg.model.source}, "config": cfg.model_dump(mode="json"),
                               "precision": cfg.precision.describe(),
                               "backend": cfg.backend, "world_size": backend.world_size,
@@ -156,9 +184,12 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
         if learner.frozen_dtype is not None and backend.is_main:  # ship the source's weights, not their copies
             final.state_dict = _rebake_from_source(model, final.state_dict, final.masks, loaded.folder)
         if backend.is_main:
-            report.update(check_final(final, cfg.sparsity, history))
+            report.update(check_final(final, cfg.sparsity, history, levels))
             outputs: dict[str, Any] = {"model": "model"}
-            if final.masks is not None:
+            if final.masks is not None and resolved is not None:
+                save_masks(out / "masks.safetensors", final.masks, uniform_text(resolved), weight_levels(resolved))
+                outputs["masks"] = "masks.safetensors"
+            elif final.masks is not None:
                 save_masks(out / "masks.safetensors", final.masks, str(cfg.sparsity))
                 outputs["masks"] = "masks.safetensors"
             for key, (filename, write) in final.files.items():
@@ -179,6 +210,10 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
                 if backend.partitioned and cfg.evaluation.harness_specs else model
             report["evaluation"] = run_tasks(evaluated, tokenizer, cfg.evaluation, report.get("perplexity"))
     outputs["plots"] = _plots(out, history, cfg.method.kind) + [str(p) for p in evaluation_plots(out, report)]
+    if resolved is not None:
+        outputs["plots"] += [str(p) for p in record_plan(out, resolved, cfg.sparsity_plan, report,
+                                                         "maskllm: N:M per layer")]
+        outputs["plan"] = PLAN_FILE
     outputs["tensorboard"] = TENSORBOARD_DIR
     report["outputs"] = outputs
     report["timing"] = timer.as_dict()
@@ -205,12 +240,19 @@ def _rebake_from_source(model: torch.nn.Module, state: Optional[dict[str, torch.
     return state
 
 
-def check_final(final: FinalModel, sparsity, history: History) -> dict[str, Any]:
-    """Check the masks' pattern (N:M exactly; unstructured: the density) and measure their change from
-    step 0: the report's ``pattern_ok`` and ``mask_change_vs_start`` (fraction of weights whose bit flipped)."""
+def check_final(final: FinalModel, sparsity, history: History,
+                levels: Optional[Mapping[str, NM]] = None) -> dict[str, Any]:
+    """Check the masks' pattern (N:M exactly, each layer at its own level with a plan; unstructured: the
+    density) and measure their change from step 0: the report's ``pattern_ok`` and ``mask_change_vs_start``
+    (fraction of weights whose bit flipped)."""
     if final.masks is None:
         return {"pattern_ok": None, "mask_change_vs_start": None}
-    if isinstance(sparsity, NM):
+    if levels is not None:
+        bad = [f"{n} ({lv})" for n, lv in levels.items() if not is_nm(final.masks[f"{n}.weight"], lv)]
+        if bad:
+            raise SparsityPatternError(f"the final masks break their plan's N:M in {len(bad)} layers, e.g. {bad[0]}")
+        sparsity = next(iter(levels.values()))  # every level is N:M: pattern_ok below is True
+    elif isinstance(sparsity, NM):
         bad = [n for n, m in final.masks.items() if not is_nm(m, sparsity)]
         if bad:
             raise SparsityPatternError(f"the final masks break the {sparsity} pattern in {len(bad)} layers, e.g. {bad[0]}")
@@ -256,8 +298,11 @@ def run_learn(cfg: LearnConfig, output: str | Path, overwrite: bool = False, res
     starts one process per rank with its own launcher, RANK set, and rank 0 owns the folder)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return learn_rank(cfg, output)
+    if cfg.sparsity_plan is not None:
+        SparsityPlan.load(cfg.sparsity_plan)  # the file's own checks, before any folder is made
     with run_folder(output, "learn", input_paths(cfg), overwrite, resume) as folder:
         save_or_check_config(folder.path, cfg, resuming=folder.resumed, ignore=("evaluation",))
+        setup_plan(folder.path, cfg.sparsity_plan, resuming=folder.resumed)
         if cfg.backend != "deepspeed" or cfg.deepspeed.world_size == 1 or "RANK" in os.environ:
             return learn_rank(cfg, folder.path)
         import json

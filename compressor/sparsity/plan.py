@@ -43,7 +43,7 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from compressor.config.base import SparsityField, StrictModel, validate_config, yaml_load
 from compressor.errors import ConfigError
-from compressor.sparsity.nm import NM, SparsityTarget
+from compressor.sparsity.nm import NM, SparsityTarget, Unstructured
 from compressor.utils.fs import atomic_write_text
 
 Shapes = Mapping[str, tuple[int, int]]  # linear name -> (out_features, in_features)
@@ -69,6 +69,11 @@ def group_size(level: SparsityTarget) -> int:
 def level_text(level: SparsityTarget) -> str:
     """The level as a plan file writes it: "3:8" or "0.7"."""
     return str(level) if isinstance(level, NM) else repr(float(level.sparsity))
+
+
+def parse_level(text: str) -> SparsityTarget:
+    """The inverse of ``level_text``: "3:8" -> NM(3, 8), "0.7" -> Unstructured(0.7)."""
+    return NM.parse(text) if ":" in text else Unstructured(float(text))
 
 
 def layer_shapes(targets) -> dict[str, tuple[int, int]]:
@@ -137,7 +142,7 @@ class SparsityPlan(StrictModel):
             if isinstance(level, NM) and width % level.m:
                 raise PlanError(f"{name}: level {level} is impossible, its input width {width} is not divisible by "
                                 f"M={level.m}")
-        resolved = ResolvedPlan(levels, dict(shapes))
+        resolved = ResolvedPlan(levels, dict(shapes), self.target)
         if self.target is not None:
             resolved.check_average(self.target)
         return resolved
@@ -191,6 +196,7 @@ class ResolvedPlan:
 
     levels: dict[str, SparsityTarget]
     shapes: dict[str, tuple[int, int]]
+    target: Optional[float] = None  # the plan's declared average, if it declared one
 
     @property
     def parameters(self) -> int:
@@ -227,6 +233,13 @@ class ResolvedPlan:
                 f"the plan's parameter-weighted average sparsity is {float(self.average):.6f}, not the declared "
                 f"target {target}: {float(off):+.1f} pruned weights of {self.parameters}, more than one group "
                 f"of M={self.tolerance} weights")
+
+    def listing(self) -> SparsityPlan:
+        """The plan with every layer named exactly (a run's ``plan.json``), declaring its declared target
+        or, without one, its own average."""
+        default = SparsityPlan.from_levels(self.levels).default
+        return SparsityPlan(default=default, layers=dict(self.levels),
+                            target=float(self.average) if self.target is None else self.target)
 
     def table(self) -> list[dict[str, Any]]:
         """Rows for reports: name, shape, level and its sparsity."""

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from compressor.calibration.config import CalibrationConfig
 from compressor.config.base import InputPath, StrictModel
 from compressor.data.config import DatasetConfig
 from compressor.eval.config import EvalConfig
 from compressor.methods.maskllm.config import MaskLLMConfig
-from compressor.methods.registry import SparseGPTOptions, SparseSwapsOptions
+from compressor.methods.registry import METHODS, SparseGPTOptions, SparseSwapsOptions
 from compressor.methods.sparse_training.config import (
     BDWPMethod, DenseMethod, FixedMaskMethod, PDPMethod, SRSTEMethod,
 )
@@ -33,13 +33,20 @@ class FilePriorRule(StrictModel):
 class PriorConfig(FilePriorRule):
     """Where the initial logits come from."""
 
-    # none: random logits; a one-shot method: run it first (mask only, weights untouched);
+    # none: random logits; a registered one-shot method: run it first (mask only, weights untouched);
     # file: masks.safetensors / a `compressor prune` run folder
-    kind: Literal["none", "magnitude", "wanda", "sparsegpt", "sparseswaps", "file"] = "sparsegpt"
+    kind: str = "sparsegpt"
     path: Optional[InputPath] = None
     calibration: CalibrationConfig = CalibrationConfig()
     sparsegpt: SparseGPTOptions = SparseGPTOptions(update_weights=False)
     sparseswaps: SparseSwapsOptions = SparseSwapsOptions()
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in ("none", "file") and kind not in METHODS:
+            raise ValueError(f"prior.kind {kind!r} is none, file or a one-shot method ({', '.join(sorted(METHODS))})")
+        return kind
 
 
 class TrainConfig(StrictModel):
@@ -79,6 +86,9 @@ class MaskLearningConfig(StrictModel):
     method: MethodConfig = MaskLLMMethod()
     maskllm: MaskLLMConfig = MaskLLMConfig()
     init_logits: Optional[InputPath] = None  # transfer: logits.safetensors of an earlier run (overrides the prior)
+    # MaskLLM with each layer's own N:M: a plan file (compressor/sparsity/plan.py), N:M levels only; it
+    # replaces maskllm.sparsity, which then stays unset
+    sparsity_plan: Optional[InputPath] = None
     targets: list[str] = [".*"]  # regexes on linear names
     ignore: list[str] = []
     train: TrainConfig = TrainConfig()
@@ -103,6 +113,12 @@ class MaskLearningConfig(StrictModel):
             if self.init_logits is not None:
                 raise ValueError(f"init_logits (MaskLLM logits to start from) does not apply to method.kind "
                                  f"{self.method.kind!r}; remove it")
+            if self.sparsity_plan is not None:
+                raise ValueError(f"sparsity_plan applies to method.kind maskllm only (method.kind is "
+                                 f"{self.method.kind!r}); remove it, or prune with the plan (`compressor prune`)")
+        elif self.sparsity_plan is not None and "sparsity" in self.maskllm.model_fields_set:
+            raise ValueError(f"give maskllm.sparsity ({self.maskllm.sparsity}) or sparsity_plan "
+                             f"({self.sparsity_plan!r}), not both: the plan holds every layer's level")
         return self
 
 

@@ -33,7 +33,8 @@ log = get_logger(__name__)
 MARKER = ".compressor-run.json"
 MARKER_FORMAT = "compressor.run.v1"
 DONE_MARKER = "report.json"  # written last by every run: its presence means finished
-SETUP_FILES = frozenset({MARKER, "config.yaml"})  # what a run writes before its first result
+# what a run writes before its first result (plan.json: a copy of its sparsity plan, if it has one)
+SETUP_FILES = frozenset({MARKER, "config.yaml", "plan.json"})
 
 
 def _resolved(path: str | Path) -> Path:

@@ -97,3 +97,102 @@ def test_layers_on_the_same_inputs_solved_together_match_each_solved_alone(kind)
         assert result.extra == pytest.approx(alone.extra)
         if alone.weight is not None:
             torch.testing.assert_close(result.weight, alone.weight, rtol=1e-5, atol=1e-6)
+
+
+# --- the registry ------------------------------------------------------------------------------------
+from compressor.errors import ConfigError  # noqa: E402
+from compressor.methods.registry import METHODS, STATS_NEEDED, OneShotMethod, get_method, register  # noqa: E402
+from compressor.methods.objective import reconstruction_error  # noqa: E402
+
+
+def _stats(kind, gram):
+    return InputStats(kind, gram.shape[0], 400, col_sq=torch.diagonal(gram).clone(), gram=gram)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("level", [NM(2, 4), NM(3, 8), Unstructured(0.6)])
+def test_every_registered_method_solves_a_real_layer(name, level):
+    method = METHODS[name]
+    w, gram = correlated_problem(rows=12, cols=32, seed=7)
+    job = LayerJob("w", name, level, method.options())
+    result = solve_layer(job, w, _stats(method.stats, gram))
+    assert result.mask.shape == w.shape and result.mask.dtype == torch.bool
+    if isinstance(level, NM):
+        groups = result.mask.reshape(12, -1, level.m).sum(-1)
+        assert bool((groups == level.n).all())  # exactly N kept in every group
+    else:
+        assert abs(float((~result.mask).float().mean()) - 0.6) < 0.05
+    pruned = (result.weight if result.weight is not None else w) * result.mask
+    assert 0 < reconstruction_error(w, pruned, gram) < 1
+    assert STATS_NEEDED[name] == method.stats and method.cost(12, 32) > 0
+
+
+def test_an_unknown_method_names_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"unknown one-shot method 'obs'; registered methods: .*magnitude.*sparsegpt"):
+        get_method("obs")
+    with pytest.raises(ConfigError, match="registered methods"):
+        solve_layer(LayerJob("w", "obs", NM(2, 4), None), torch.ones(2, 4), InputStats("none", 4))
+    with pytest.raises(ConfigError, match="registered methods"):
+        STATS_NEEDED["obs"]
+    from compressor.runs.prune import PruneConfig
+    from compressor.config.base import validate_config
+
+    with pytest.raises(ConfigError, match=r"`method`: .*unknown one-shot method 'obs'.*wanda"):
+        validate_config(PruneConfig, {"method": "obs"})
+
+
+@pytest.fixture
+def toy_method():
+    """A method registered by a test, removed afterwards: keep the smallest weights (reversed magnitude)."""
+
+    class KeepSmallest(OneShotMethod):
+        name = "keep_smallest"
+        stats = "none"
+
+        def solve(self, job, weight, stats, factor=None):
+            from compressor.methods.registry import LayerResult
+            from compressor.sparsity import mask_from_scores
+
+            return LayerResult(job.name, mask_from_scores(-weight.abs(), job.sparsity), None, 0.0)
+
+    register(KeepSmallest)
+    yield KeepSmallest
+    del METHODS["keep_smallest"]
+
+
+def test_a_registered_toy_method_runs_without_edits_elsewhere(toy_method, tiny_llama_dir):
+    w = torch.tensor([[4.0, -1.0, 3.0, 0.5], [0.1, 0.2, -5.0, 6.0]])
+    result = solve_layer(LayerJob("w", "keep_smallest", NM(2, 4), None), w, InputStats("none", 4))
+    assert result.mask.tolist() == [[False, True, False, True], [True, True, False, False]]
+    assert STATS_NEEDED["keep_smallest"] == "none"
+
+    # through the config and the whole pipeline
+    from compressor.config.base import validate_config
+    from compressor.execution.base import InProcessExecutor
+    from compressor.models import load_model
+    from compressor.pipelines.sequential import OneShotPlan, prune_sequential
+    from compressor.runs.prune import PruneConfig
+    from compressor.sparsity import mask_from_scores
+
+    cfg = validate_config(PruneConfig, {"method": "keep_smallest"})
+    assert cfg.method_options == toy_method.options()
+    loaded = load_model(str(tiny_llama_dir))
+    plan = OneShotPlan(cfg.method, NM(2, 4), cfg.method_options, layer_error=False)
+    dense = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    outcome = prune_sequential(loaded.model, loaded.arch, torch.empty(0, 8, dtype=torch.long), plan, InProcessExecutor())
+    assert len(outcome.masks) == 14
+    for name, mask in outcome.masks.items():
+        assert torch.equal(mask, mask_from_scores(-dense[name].abs(), NM(2, 4)))
+
+
+def test_layers_at_different_levels_are_not_stacked():
+    same = [LayerJob(n, "wanda", NM(2, 4), WandaOptions()) for n in "qkv"]
+    assert stackable(same)
+    mixed = [LayerJob("q", "wanda", NM(2, 4), WandaOptions()), LayerJob("k", "wanda", NM(4, 8), WandaOptions())]
+    assert not stackable(mixed)
+    w, gram = correlated_problem(rows=10, cols=32, seed=1)
+    stats = _stats("norms", gram)
+    together = solve_layers(mixed, [w[:4], w[4:]], stats)
+    assert torch.equal(together[0].mask, solve_layer(mixed[0], w[:4], stats).mask)
+    assert torch.equal(together[1].mask, solve_layer(mixed[1], w[4:], stats).mask)
+    assert together[1].mask.reshape(6, -1, 8).sum(-1).eq(4).all()

@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from compressor.methods.maskllm.config import MaskLLMConfig
 from compressor.methods.maskllm.mask import NMMaskParametrization
 from compressor.precision import DTYPES
+from compressor.sparsity import NM
 from compressor.utils.threads import thread_map
 
 Masks = dict[str, NMMaskParametrization]
@@ -41,6 +42,7 @@ def attach_masks(
     cfg: MaskLLMConfig,
     priors: Optional[Mapping[str, torch.Tensor]] = None,
     seed: int = 0,
+    levels: Optional[Mapping[str, NM]] = None,
 ) -> Masks:
     """Mask the ``weight`` (out, in) of each named module, e.g. "model.layers.0.mlp.down_proj".
 
@@ -48,6 +50,7 @@ def attach_masks(
     weights train too. ``priors`` maps module (or "<module>.weight") names to (out, in) masks that
     initialise the logits with ``cfg.prior_strength``. All layers are checked before any is changed.
     Masks start in eval (hard) mode; ``mask_train(masks, True)`` or ``model.train()`` makes them soft.
+    ``levels``: each module's own N:M (a mixed sparsity plan); default ``cfg.sparsity`` for all.
     """
     if not names:
         raise ValueError("attach_masks: no layer names given; list the linears to mask")
@@ -65,7 +68,7 @@ def attach_masks(
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(f"attach_masks: {name}.weight is already parametrized; call remove_masks(model) first")
         mask = NMMaskParametrization(
-            weight.shape[0], weight.shape[1], cfg.sparsity, init_std=cfg.init_std, dtype=DTYPES[cfg.logits_dtype],
+            weight.shape[0], weight.shape[1], levels[name] if levels is not None else cfg.sparsity, init_std=cfg.init_std, dtype=DTYPES[cfg.logits_dtype],
             seed=layer_seed(seed, name), name=name, device=weight.device,
         )
         if priors is not None:

@@ -57,10 +57,13 @@ class NMMaskParametrization(nn.Module):
         self.shape = (out_features, in_features)
         patterns = nm_patterns(nm, device).float()  # (C, M)
         self.register_buffer("patterns", patterns, persistent=False)
-        self.generator = torch.Generator(device=patterns.device).manual_seed(seed)
-        init = torch.randn(  # (out, G, C)
-            out_features, in_features // nm.m, patterns.shape[0], generator=self.generator, device=patterns.device
-        )
+        shape = (out_features, in_features // nm.m, patterns.shape[0])  # (out, G, C)
+        if patterns.device.type == "meta":  # shapes only (``compressor.parallel.meta_proof``): nothing to draw
+            self.generator = torch.Generator().manual_seed(seed)  # torch has no meta generators
+            init = torch.empty(shape, device=patterns.device)
+        else:
+            self.generator = torch.Generator(device=patterns.device).manual_seed(seed)
+            init = torch.randn(shape, generator=self.generator, device=patterns.device)
         self.logits = nn.Parameter((init * init_std).to(dtype))
         self.tau, self.kappa = 4.0, 100.0
         # False: soft masks without Gumbel noise (deterministic; the generator is not advanced).

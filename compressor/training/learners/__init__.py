@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -11,12 +11,14 @@ from compressor.training.learners.maskllm import MaskLLMLearner
 from compressor.training.learners.weights import LEARNERS, FixedMaskLearner
 
 
-def make_learner(cfg, priors: Optional[Mapping[str, torch.Tensor]]) -> Learner:
-    """The learner of ``cfg.method`` (a ``MaskLearningConfig``); ``priors``: the prior's masks, if any."""
+def make_learner(cfg, priors: Optional[Mapping[str, torch.Tensor]], levels: Optional[Mapping[str, Any]] = None
+                 ) -> Learner:
+    """The learner of ``cfg.method`` (a ``MaskLearningConfig``); ``priors``: the prior's masks, if any;
+    ``levels``: MaskLLM's per-layer N:M of a sparsity plan (module name -> NM)."""
     kind = cfg.method.kind
     if kind == "maskllm":
         return MaskLLMLearner(cfg.maskllm, priors, seed=cfg.train.seed, init_logits=cfg.init_logits,
-                              precision=cfg.precision)
+                              precision=cfg.precision, levels=levels)
     if kind == "fixed_mask":
         return FixedMaskLearner(cfg.method, priors)
     return LEARNERS[kind](cfg.method)

@@ -20,6 +20,7 @@ from compressor.methods.maskllm.config import MaskLLMConfig
 from compressor.methods.maskllm.gumbel import hard_mask
 from compressor.methods.maskllm.schedules import schedule_at
 from compressor.precision import Precision
+from compressor.sparsity import NM
 from compressor.training.backends import Backend
 from compressor.training.learners.base import FinalModel, Learner
 from compressor.utils.logging import get_logger
@@ -49,8 +50,10 @@ class MaskLLMLearner(Learner):
     lr_keys = "maskllm.logits_lr (or maskllm.weight_lr)"
 
     def __init__(self, cfg: MaskLLMConfig, priors: Optional[Mapping[str, torch.Tensor]], seed: int,
-                 init_logits: Optional[str] = None, precision: Precision = Precision()) -> None:
+                 init_logits: Optional[str] = None, precision: Precision = Precision(),
+                 levels: Optional[Mapping[str, NM]] = None) -> None:
         self.cfg, self.priors, self.seed, self.init_logits = cfg, priors, seed, init_logits
+        self.levels = levels  # module name -> N:M of a mixed plan; None: cfg.sparsity everywhere
         bf16 = precision.compute == "bfloat16"
         # bf16 products: frozen weights are held in bf16 (half the memory; the products read them in bf16
         # anyway), while samples stay float32 so that G and the logits' gradient are formed in float32
@@ -63,7 +66,7 @@ class MaskLLMLearner(Learner):
 
     def attach(self, model: nn.Module, names: list[str]) -> list[dict]:
         self.model = model
-        self.masks = attach_masks(model, names, self.cfg, self.priors, seed=self.seed)
+        self.masks = attach_masks(model, names, self.cfg, self.priors, seed=self.seed, levels=self.levels)
         # the weight each mask multiplies (trained with maskllm.train_weights)
         if self.frozen_dtype is not None:
             store_frozen_weights(model, self.masks, self.frozen_dtype)
@@ -162,8 +165,9 @@ class MaskLLMLearner(Learner):
         if not backend.partitioned:
             remove_masks(self.model, bake=True)
         nm = self.cfg.sparsity
+        levels = None if self.levels is None else {f"{n}.weight": m.nm for n, m in self.masks.items()}
         return FinalModel(masks=hard if backend.is_main else None, state_dict=state,
-                          files={"logits": ("logits.safetensors", lambda path: save_logits(path, logits, nm))})
+                          files={"logits": ("logits.safetensors", lambda path: save_logits(path, logits, nm, levels))})
 
     def report(self) -> dict[str, Any]:
         return {"memory_per_masked_weight": self.memory, "prior_agreement": self.agreement}

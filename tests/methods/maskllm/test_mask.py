@@ -199,3 +199,10 @@ def test_moving_to_the_same_device_keeps_the_noise_stream():
     mask.to("cpu")
     mask.float()
     assert mask.generator is gen
+
+
+def test_a_meta_device_mask_has_its_shapes_and_no_storage():
+    mask = NMMaskParametrization(8, 16, NM(2, 4), device="meta")  # what compressor.parallel.meta_proof builds
+    assert mask.logits.is_meta and tuple(mask.logits.shape) == (8, 4, 6) and mask.patterns.is_meta
+    masked = mask(torch.empty(8, 16, device="meta"))  # eval: the hard mask
+    assert masked.is_meta and tuple(masked.shape) == (8, 16)
