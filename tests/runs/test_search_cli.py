@@ -130,3 +130,30 @@ def test_evaluation_on_the_calibration_text_is_refused(tmp_path, tiny_llama_dir,
     cfg = _config(tmp_path, tiny_llama_dir, text_file, evaluation={"enabled": True, "data": {"source": str(text_file)}})
     with pytest.raises(ConfigError, match="never be scored or tuned on the evaluation text"):
         load_config(SearchConfig, cfg)
+
+
+def test_a_searched_plan_is_what_prune_applies(tmp_path, tiny_llama_dir, text_file):
+    from compressor.config.base import validate_config
+    from compressor.runs.prune import PruneConfig, run_prune
+
+    cfg = load_config(SearchConfig, _config(tmp_path, tiny_llama_dir, text_file, searches=["msp"]),
+                      ["evolution.generations=1"])
+    run_search(cfg, tmp_path / "search")
+    plan_path = tmp_path / "search" / "plans" / "msp-s0.yaml"
+    prune = validate_config(PruneConfig, {
+        "model": {"source": str(tiny_llama_dir)}, "method": "sparsegpt", "sparsity_plan": str(plan_path),
+        "calibration": {"data": {"source": str(text_file)}, "num_windows": 4, "seq_len": 32, "batch_size": 2},
+        "evaluation": {"enabled": False}, "executor": {"kind": "inprocess"}})
+    run_prune(prune, tmp_path / "prune")
+    plan = SparsityPlan.load(plan_path)
+    pruned = load_model(str(tmp_path / "prune" / "model")).model
+    kept = {n: float((pruned.get_submodule(n).weight != 0).float().mean()) for n in prunable_names(pruned)}
+    assert len(set(round(v, 2) for v in kept.values())) > 1  # a mixed plan
+    for name, density in kept.items():
+        assert density == pytest.approx(1 - plan.level_for(name).sparsity, abs=0.02), name
+
+
+def prunable_names(model):
+    from compressor.models.arch import get_arch
+
+    return [t.name for t in prunable_linears(model, get_arch(model.config))]
