@@ -11,7 +11,9 @@ from compressor.calibration.config import CalibrationConfig
 from compressor.config.base import StrictModel
 from compressor.eval.config import EvalConfig
 from compressor.execution.base import ExecutorConfig
-from compressor.methods.registry import MagnitudeOptions, SparseGPTOptions, SparseSwapsOptions, WandaOptions
+from compressor.methods.registry import (
+    METHODS, MagnitudeOptions, SparseGPTOptions, SparseSwapsOptions, WandaOptions, section_options,
+)
 from compressor.models.config import ModelConfig
 from compressor.precision import Precision
 from compressor.search.evolution import SelectionStage, check_stages
@@ -85,7 +87,7 @@ class OwlConfig(StrictModel):
 
 class SearchConfig(StrictModel):
     model: ModelConfig = ModelConfig()
-    method: Literal["magnitude", "wanda", "sparsegpt", "sparseswaps"] = "sparsegpt"
+    method: str = "sparsegpt"  # a registered one-shot method (compressor.methods.registry.METHODS)
     magnitude: MagnitudeOptions = MagnitudeOptions()
     wanda: WandaOptions = WandaOptions()
     sparsegpt: SparseGPTOptions = SparseGPTOptions()
@@ -109,7 +111,14 @@ class SearchConfig(StrictModel):
 
     @property
     def method_options(self) -> Any:
-        return getattr(self, self.method)
+        return section_options(self, self.method)
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in METHODS:
+            raise ValueError(f"unknown one-shot method {name!r}; registered methods: {', '.join(sorted(METHODS))}")
+        return name
 
     @property
     def level_set(self) -> LevelSet:

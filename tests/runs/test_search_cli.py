@@ -116,6 +116,7 @@ def test_a_level_impossible_for_a_layer_fails_before_any_work(tmp_path, tiny_lla
     ({"levels": [0.5, 0.6, 0.8]}, "equally spaced"),
     ({"searches": ["msp", "msp"]}, "at most once"),
     ({"model": {"lazy": True}}, "model.lazy"),
+    ({"method": "obs"}, "unknown one-shot method 'obs'"),
 ])
 def test_bad_search_configs_name_what_is_wrong(tmp_path, tiny_llama_dir, text_file, extra, words):
     cfg = yaml.safe_load(_config(tmp_path, tiny_llama_dir, text_file).read_text())
