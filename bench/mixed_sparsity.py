@@ -7,6 +7,7 @@ evolutionary searches with several seeds (mean +- std); and fitness scoring with
     python bench/mixed_sparsity.py                                  # every setting, 3 seeds, all 589 windows
     python bench/mixed_sparsity.py --settings sgpt70 n8_75 --seeds 0 --max-windows 64   # quick variant
     python bench/mixed_sparsity.py --speed-only --speed-run runs/bench-msp/sgpt70       # only the 2-vs-1 ratio
+    python bench/mixed_sparsity.py --settings sgpt70 --prune-plans   # also each plan via `compressor prune`
     python bench/mixed_sparsity.py --smoke                          # tiny random LLaMA, in process, < 1 min
 
 Writes bench/results/mixed_sparsity.json and bench/results/mixed_sparsity.png (fitness vs evaluations);
@@ -39,7 +40,7 @@ TARGETS = {"sgpt70": {"vs_uniform": 0.7, "vs_owl": 0.85}}  # the issue's targets
 
 
 def run_setting(name: str, out_root: Path, seeds: list[int], max_windows, workers: int, reuse: bool,
-                extra: list[str]) -> dict:
+                extra: list[str], prune_plans: bool = False) -> dict:
     config, overrides = SETTINGS[name]
     out = out_root / name
     sets = overrides + extra + [f"seeds=[{', '.join(map(str, seeds))}]", f"executor.num_cpus={workers}"]
@@ -53,7 +54,27 @@ def run_setting(name: str, out_root: Path, seeds: list[int], max_windows, worker
                "--evaluate", flag] + [a for s in sets for a in ("--set", s)]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
-    return summarize(name, json.loads((out / "report.json").read_text()), out)
+    report = json.loads((out / "report.json").read_text())
+    if prune_plans:
+        for key, s in report["searches"].items():
+            s["prune_perplexity"] = prune_plan(out / s["plan"], report["config"]["method"], out / "prune" / key,
+                                               max_windows, workers, reuse)
+    return summarize(name, report, out)
+
+
+def prune_plan(plan: Path, method: str, out: Path, max_windows, workers: int, reuse: bool,
+               extra: tuple[str, ...] = ()) -> float:
+    """The plan through `compressor prune` (blocks in order, each calibrated on the pruned blocks before it),
+    rather than assembled from the search's database of layers solved on dense inputs."""
+    if not (reuse and (out / "report.json").is_file()):
+        sets = [f"sparsity_plan={plan}", "sparsity=null", f"executor.num_cpus={workers}", "save_model=false", *extra]
+        if max_windows:
+            sets.append(f"evaluation.max_windows={max_windows}")
+        cmd = [sys.executable, "-m", "compressor.cli", "prune", "--config", str(ROOT / "configs" / "prune" / f"{method}.yaml"),
+               "--output", str(out), "--overwrite"] + [a for s in sets for a in ("--set", s)]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads((out / "report.json").read_text())["perplexity"]["perplexity"]
 
 
 def summarize(name: str, report: dict, out: Path) -> dict:
@@ -64,10 +85,12 @@ def summarize(name: str, report: dict, out: Path) -> dict:
     table = {}
     for search, runs in rows.items():
         ppl = [(r.get("perplexity") or {}).get("perplexity") for r in runs]
+        pruned = [r.get("prune_perplexity") for r in runs]
         fit = [r["final_fitness"] for r in runs]
         table[search] = {
             "seeds": len(runs),
             "perplexity": _stat(ppl) if None not in ppl else None,
+            "prune_perplexity": _stat(pruned) if None not in pruned else None,  # the plan via compressor prune
             "fitness": _stat(fit),
             "evaluations": runs[0]["evaluations"],
             "search_seconds": _stat([r["seconds"] for r in runs]),
@@ -165,20 +188,29 @@ def smoke(tmp: Path) -> list[dict]:
         if cli(args + [a for s in overrides + sets for a in ("--set", s)]) != 0:
             raise SystemExit(f"the smoke search {name} failed")
         rows.append(summarize(name, json.loads((out / "report.json").read_text()), out))
+    tiny = [f"model.source={model}", f"calibration.data.source={text}", "calibration.num_windows=4",
+            "calibration.seq_len=32", f"evaluation.data.source={tmp / 'eval.txt'}", "evaluation.seq_len=32",
+            "executor.kind=inprocess"]
+    plan = tmp / "sgpt70" / "plans" / "msp-s0.yaml"
+    rows[0]["msp plan via compressor prune (smoke)"] = prune_plan(plan, "sparsegpt", tmp / "prune-msp", 2, 1, False, tiny)
     rows.append({"setting": "scoring speed (smoke, in process)",
                  "speed": scoring_speed(tmp / "sgpt70", [1, 2], 3, 2, inprocess=True)})
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'setting':12s} {'search':9s} {'perplexity':>18s} {'KL (fixed)':>18s} {'evals':>6s} {'seconds':>8s} {'average':>9s}")
+    print(f"{'setting':12s} {'search':9s} {'perplexity':>18s} {'ppl via prune':>18s} {'KL (fixed)':>18s} {'evals':>6s} "
+          f"{'seconds':>8s} {'average':>9s}")
+
+    def pm(stat):
+        return f"{stat['mean']:.2f} +- {stat['std']:.2f}" if stat else "-"
+
     for r in rows:
         for search, s in r.get("searches", {}).items():
-            ppl = s["perplexity"]
-            p = f"{ppl['mean']:.2f} +- {ppl['std']:.2f}" if ppl else "-"
             f = s["fitness"]
-            print(f"{r['setting']:12s} {search:9s} {p:>18s} {f['mean']:10.4f} +- {f['std']:.3f} {s['evaluations']:6d} "
-                  f"{s['search_seconds']['mean']:8.1f} {s['average']:9.6f}")
+            print(f"{r['setting']:12s} {search:9s} {pm(s['perplexity']):>18s} {pm(s.get('prune_perplexity')):>18s} "
+                  f"{f['mean']:10.4f} +- {f['std']:.3f} {s['evaluations']:6d} {s['search_seconds']['mean']:8.1f} "
+                  f"{s['average']:9.6f}")
         if r.get("checks"):
             print(f"{'':12s} checks: {json.dumps(r['checks'])}")
         if r.get("speed"):
@@ -200,6 +232,8 @@ def main() -> None:
     ap.add_argument("--speed-candidates", type=int, default=8)
     ap.add_argument("--speed-windows", type=int, default=4)
     ap.add_argument("--speed-only", action="store_true")
+    ap.add_argument("--prune-plans", action="store_true",
+                    help="also run every plan through `compressor prune` (sequential calibration) and evaluate it")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, in process (checks the script runs)")
     ap.add_argument("--keep", default=None, help="with --smoke: keep its run folders here")
     args = ap.parse_args()
@@ -210,7 +244,7 @@ def main() -> None:
         print_table(rows)
         return
     rows = [] if args.speed_only else [run_setting(s, Path(args.out), args.seeds, args.max_windows, args.workers,
-                                                   args.reuse, args.extra) for s in args.settings]
+                                                   args.reuse, args.extra, args.prune_plans) for s in args.settings]
     speed_run = Path(args.speed_run or Path(args.out) / "sgpt70")
     if (speed_run / "database").is_dir():
         rows.append({"setting": "scoring speed", "run": str(speed_run),
