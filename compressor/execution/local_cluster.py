@@ -51,6 +51,23 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc): the raylet starts its workers in process groups of their own."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
 def _stop_group(proc: subprocess.Popen, hard: bool = False) -> None:
     """SIGTERM lets `ray start --block` stop its children (a few seconds); then SIGKILL to its whole group."""
     if proc.poll() is None and not hard:
@@ -151,10 +168,16 @@ class LocalCluster:
         return path.read_text() if path.exists() else ""
 
     def kill_node(self, index: int) -> None:
-        """SIGKILL node ``index``'s raylet, its workers and agents at once (its process group): a lost machine."""
+        """SIGKILL node ``index``'s raylet, its workers and agents at once: a lost machine."""
         if index == 0:
             raise ValueError("node 0 is the head: killing it ends the cluster (use stop())")
-        _stop_group(self.procs[index], hard=True)
+        proc = self.procs[index]
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _stop_group(proc, hard=True)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):  # workers first: the head stays to hear them leave
