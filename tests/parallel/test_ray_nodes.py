@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -57,8 +58,10 @@ def test_lost_node_then_resume_on_the_head_gives_the_same_masks(two_nodes, tiny_
     clean = _launch(spread, tmp_path / "clean")  # the uninterrupted reference, across both nodes
     assert len(set(clean["parallel"]["nodes"])) == 2
 
+    # One restart allowed: it cannot place STRICT_SPREAD on the one node left, so it fails after its timeout.
     out = tmp_path / "killed"
-    args = ["-m", "compressor.launch", str(CONFIG), "--output", str(out), *[a for s in spread for a in ("--set", s)]]
+    sets = [*spread, "ray.max_restarts=1", "ray.start_timeout_s=10"]
+    args = ["-m", "compressor.launch", str(CONFIG), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
     with open(tmp_path / "killed.log", "w") as log:
         run = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -74,8 +77,11 @@ def test_lost_node_then_resume_on_the_head_gives_the_same_masks(two_nodes, tiny_
         if run.poll() is None:
             run.kill()
     text = (tmp_path / "killed.log").read_text()
-    assert code == 1, f"the run was meant to fail after the node was lost (exit {code}):\n{text[-3000:]}"
-    assert "left the cluster" in text and "--resume" in text, text[-3000:]
+    assert code == 2, f"the run was meant to fail after the node was lost (exit {code}):\n{text[-3000:]}"
+    died = re.search(r"attempt 1 of 2 failed: rank (\d): its worker process died", text)
+    assert died, text[-3000:]
+    assert f"node {two_nodes.node_ids[1]} (ranks [{died.group(1)}]) left the cluster" in text, text[-3000:]
+    assert "could not place 2 workers of 1 CPU each (strategy STRICT_SPREAD) within ray.start_timeout_s=10" in text
     assert not (out / "logits.safetensors").exists()
 
     # What remains: the head alone (2 CPUs); STRICT_SPREAD could no longer be placed, PACK can.
