@@ -68,8 +68,20 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _kill(pids: Sequence[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _stop_group(proc: subprocess.Popen, hard: bool = False) -> None:
-    """SIGTERM lets `ray start --block` stop its children (a few seconds); then SIGKILL to its whole group."""
+    """SIGTERM lets `ray start --block` stop its children (a few seconds); then SIGKILL to its group and to
+    whatever of its process tree is left (workers run in groups of their own)."""
+    tree = _descendants(proc.pid)
+    if hard:
+        _kill([proc.pid, *tree])
     if proc.poll() is None and not hard:
         proc.terminate()
         try:
@@ -80,6 +92,7 @@ def _stop_group(proc: subprocess.Popen, hard: bool = False) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # started with start_new_session: pgid == pid
     except ProcessLookupError:
         pass
+    _kill(tree)
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
@@ -171,13 +184,7 @@ class LocalCluster:
         """SIGKILL node ``index``'s raylet, its workers and agents at once: a lost machine."""
         if index == 0:
             raise ValueError("node 0 is the head: killing it ends the cluster (use stop())")
-        proc = self.procs[index]
-        for pid in [proc.pid, *_descendants(proc.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        _stop_group(proc, hard=True)
+        _stop_group(self.procs[index], hard=True)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):  # workers first: the head stays to hear them leave
