@@ -135,17 +135,18 @@ class LocalCluster:
             temp_dir = self.root / f"n{i}"
             temp_dir.mkdir()
             ports = _free_ports(len(_NODE_PORTS))
-            role = (["--head", f"--port={gcs_port}", "--include-dashboard=false", f"--ray-client-server-port={client_port}"]
-                    if i == 0 else [f"--address={self.address}"])
+            role = (["--head", f"--port={gcs_port}", "--include-dashboard=false",
+                     f"--ray-client-server-port={client_port}"] if i == 0 else [f"--address={self.address}"])
             cmd = [str(ray_cli), "start", "--block", *role, "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
-                   f"--object-store-memory={self.object_store_mb * 2**20}", f"--resources={json.dumps({node_resource(i): 1})}",
-                   f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                   f"--object-store-memory={self.object_store_mb * 2**20}",
+                   f"--resources={json.dumps({node_resource(i): 1})}", f"--temp-dir={temp_dir}",
+                   "--disable-usage-stats",
                    *[f"--{name}={port}" for name, port in zip(_NODE_PORTS, ports)]]
             with open(temp_dir / "ray-start.log", "w") as out:
                 self.procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                                    start_new_session=True))
             if i == 0:
-                self._wait_for(1)
+                self._wait_for(1)  # the other nodes register with the head's GCS
         self.node_ids = self._wait_for(len(self.node_cpus))
         log.info("local cluster at %s: %d nodes, CPUs %s, pids %s, logs in %s", self.address, len(self.procs),
                  self.node_cpus, self.pids, self.root)
@@ -156,13 +157,14 @@ class LocalCluster:
 
     def _wait_for(self, count: int) -> list[str]:
         """Poll the cluster (from a short-lived driver in a subprocess) until ``count`` nodes are alive."""
-        probe = ("import json, ray, sys\nray.init(address=sys.argv[1], log_to_driver=False)\n"
-                 "print(json.dumps([{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))")
+        probe = ("import json, ray, sys\nray.init(address=sys.argv[1], log_to_driver=False)\nprint(json.dumps("
+                 "[{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))")
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             for i, proc in enumerate(self.procs):
                 if proc.poll() is not None:
-                    raise CompressorError(f"ray start of node {i} exited with {proc.returncode}:\n{self.log(i)[-2000:]}")
+                    raise CompressorError(f"ray start of node {i} exited with {proc.returncode}:\n"
+                                          f"{self.log(i)[-2000:]}")
             run = subprocess.run([sys.executable, "-c", probe, self.address], env=self.env, capture_output=True,
                                  text=True, timeout=60)
             if run.returncode == 0:

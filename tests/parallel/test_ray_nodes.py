@@ -3,7 +3,6 @@ placement strategies across nodes, and a node lost mid-run, resumed on what rema
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
