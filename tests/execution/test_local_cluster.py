@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 
 import pytest
@@ -15,7 +16,8 @@ from compressor.parallel.ray_config import RayWorkersConfig
 
 def test_stopping_a_node_kills_children_that_left_its_process_group():
     # the child starts a session of its own, as the raylet's workers sit in groups of their own
-    proc = subprocess.Popen(["bash", "-c", "setsid sleep 60 & wait"], start_new_session=True)
+    child = "import subprocess, sys; subprocess.Popen(['sleep', '60'], start_new_session=True).wait()"
+    proc = subprocess.Popen([sys.executable, "-c", child], start_new_session=True)
     deadline = time.monotonic() + 10
     while not _descendants(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -23,8 +25,9 @@ def test_stopping_a_node_kills_children_that_left_its_process_group():
     assert children, "the test's child process never started"
     _stop_group(proc, hard=True)
     time.sleep(0.2)
-    alive = [pid for pid in children if subprocess.run(["ps", "-p", str(pid), "-o", "stat="], capture_output=True,
-                                                       text=True).stdout.strip() not in ("", "Z")]
+    states = [subprocess.run(["ps", "-p", str(pid), "-o", "stat="], capture_output=True, text=True).stdout.strip()
+              for pid in children]
+    alive = [s for s in states if s and not s.startswith("Z")]  # gone, or a zombie waiting for its reaper
     assert proc.poll() is not None and not alive
 
 
