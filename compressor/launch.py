@@ -90,7 +90,10 @@ def _one_line(report: dict[str, Any]) -> str:
     p, logs = report.get("parallel", {}), report.get("history", {}).get("logs", [])
     ppl = report.get("perplexity")
     parts = [f"maskllm {report.get('sparsity')} on {p.get('world_size')} ranks (TP={p.get('tensor')} "
-             f"PP={p.get('pipeline')} DP={p.get('data')})", f"{len(logs)} log points"]
+             f"PP={p.get('pipeline')} DP={p.get('data')})"]
+    if p.get("nodes"):
+        parts.append(f"{len(set(p['nodes']))} node(s)")
+    parts.append(f"{len(logs)} log points")
     if logs and "loss" in logs[-1]:
         parts.append(f"last loss {logs[-1]['loss']:.4f}")
     if isinstance(ppl, dict) and "perplexity" in ppl:

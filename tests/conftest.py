@@ -44,3 +44,21 @@ def tiny_qwen2_dir(tmp_path_factory, smollm_dir) -> Path:
     from tests.factories import make_tiny_qwen2
 
     return make_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture
+def two_nodes():
+    """A Ray cluster of two nodes on this machine (head: 2 CPUs, node 1: 1 CPU), stopped by PID afterwards.
+
+    The nodes inherit this process's environment (PYTHONPATH), so their workers import this checkout.
+    """
+    import ray
+
+    from compressor.execution.local_cluster import LocalCluster
+
+    with LocalCluster([2, 1]) as cluster:
+        try:
+            yield cluster
+        finally:
+            if ray.is_initialized():  # a driver joined by the test would stay connected to a dead cluster
+                ray.shutdown()

@@ -25,6 +25,8 @@ class ExecutorConfig(StrictModel):
     task_cpus: PositiveFloat = 1.0  # CPUs reserved per task (also its torch thread count)
     task_gpus: NonNegativeFloat = 0.0  # GPU fraction per task on a GPU cluster
     max_retries: NonNegativeInt = 3  # re-runs of a task whose worker died
+    # DEFAULT: Ray fills the driver's node first; SPREAD: tasks go round the nodes (a cluster of several)
+    scheduling: Literal["DEFAULT", "SPREAD"] = "DEFAULT"
 
 
 class Executor(ABC):
@@ -50,6 +52,10 @@ class Executor(ABC):
     @property
     def parallelism(self) -> int:
         return 1
+
+    def describe(self) -> dict[str, Any]:
+        """Where the jobs ran, for a run's report."""
+        return {"kind": "inprocess"}
 
     def close(self) -> None:
         pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections import Counter
 from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
@@ -76,12 +77,15 @@ def unpack(value: Any, writable: bool = True) -> Any:
     return _walk(value, _Array, lambda a: a.tensor(writable))
 
 
-def _run_with_threads(threads: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    # Each task gets as many torch threads as CPUs it reserved, so tasks do not oversubscribe cores.
+def _run_with_threads(threads: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str]:
+    """The job's result and the id of the node it ran on (a second return value, so the result's own object
+    is what later jobs receive)."""
+    import ray
     import torch
 
-    torch.set_num_threads(max(1, threads))
-    return pack(fn(*unpack(args, writable=False), **unpack(kwargs, writable=False)), shared=True)
+    torch.set_num_threads(max(1, threads))  # as many torch threads as CPUs reserved: tasks do not oversubscribe
+    result = pack(fn(*unpack(args, writable=False), **unpack(kwargs, writable=False)), shared=True)
+    return result, ray.get_runtime_context().get_node_id()
 
 
 def _warm_up() -> None:
@@ -110,8 +114,10 @@ class RayExecutor(Executor):
             self._started = True
             log.info("ray: %s", "joined " + cfg.address if cfg.address else "started a local cluster")
         self._remote = ray.remote(_run_with_threads).options(
-            num_cpus=cfg.task_cpus, num_gpus=cfg.task_gpus, max_retries=cfg.max_retries
+            num_cpus=cfg.task_cpus, num_gpus=cfg.task_gpus, max_retries=cfg.max_retries, num_returns=2,
+            scheduling_strategy=cfg.scheduling,
         )
+        self._nodes: list[Any] = []  # one ref per submitted job: the node id it ran on
         for _ in range(min(self.parallelism, 64)):  # not waited for: they run while the driver works
             self._remote.remote(1, _warm_up)
 
@@ -128,7 +134,22 @@ class RayExecutor(Executor):
         return ray.put(pack(value, shared=True))
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return self._remote.remote(int(self.cfg.task_cpus), fn, *pack(args), **pack(kwargs))
+        result, node = self._remote.remote(int(self.cfg.task_cpus), fn, *pack(args), **pack(kwargs))
+        self._nodes.append(node)
+        return result
+
+    def tasks_per_node(self) -> dict[str, int]:
+        """How many of the jobs submitted so far ran on each node (by Ray node id); waits for them."""
+        import ray
+
+        counts = Counter(ray.get(self._nodes))
+        return dict(sorted(counts.items()))
+
+    def describe(self) -> dict[str, Any]:
+        import ray
+
+        return {"kind": "ray", "scheduling": self.cfg.scheduling, "nodes": len([n for n in ray.nodes() if n["Alive"]]),
+                "tasks_per_node": self.tasks_per_node()}
 
     def wait(self, handles: Sequence[Any]) -> tuple[list[Any], list[Any]]:
         import ray

@@ -426,6 +426,7 @@ def _finish(cfg: DistributedLearnConfig, out: Path, folder: Path, masks: MaskSet
     logits = gather_hf(masks, dims, layout, lambda m: m.logits.detach().float())
     hard = gather_hf(masks, dims, layout, lambda m: m.hard_mask())
     peak = _peak_rss_all(layout)
+    nodes = _nodes_all()
     if dist.get_rank() != 0:
         return None
     nm = cfg.maskllm.sparsity
@@ -436,7 +437,8 @@ def _finish(cfg: DistributedLearnConfig, out: Path, folder: Path, masks: MaskSet
         "method": "maskllm", "sparsity": str(nm), "model": {"source": cfg.model.source},
         "config": cfg.model_dump(mode="json"), "precision": cfg.precision.describe(), "backend": "megatron",
         "parallel": {"tensor": layout.tp_size, "pipeline": layout.pp_size, "data": layout.dp_size,
-                     "world_size": dist.get_world_size(), "micro_batches": cfg.num_microbatches},
+                     "world_size": dist.get_world_size(), "micro_batches": cfg.num_microbatches,
+                     "nodes": nodes},
         "history": history,
         "outputs": {"masks": "masks.safetensors", "logits": "logits.safetensors",
                     "model": "model (links to the dense base model; export applies masks.safetensors)",
@@ -446,6 +448,18 @@ def _finish(cfg: DistributedLearnConfig, out: Path, folder: Path, masks: MaskSet
     if history["evals"]:
         report["perplexity"] = history["evals"][-1]
     return finish_report(out, report)
+
+
+def _nodes_all() -> list[str]:
+    """Each rank's node: the Ray node id the driver set, else the host name (torchrun, spawn)."""
+    import os
+    import socket
+
+    from compressor.parallel.ray_driver import NODE_ID_ENV
+
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, os.environ.get(NODE_ID_ENV) or socket.gethostname())
+    return [str(n) for n in every]
 
 
 def _peak_rss_all(layout: Layout) -> list[int]:

@@ -29,6 +29,8 @@ T = TypeVar("T")
 # After the first rank fails, wait this long for the others: when a process dies, its peers fail in
 # their next collective a moment later, and the report should name the rank that died, not its peers.
 FAILURE_GRACE_S = 5.0
+# Each rank's Ray node id, set in its environment (several nodes may share one IP address and host name).
+NODE_ID_ENV = "COMPRESSOR_NODE_ID"
 
 
 class PlacementError(CompressorError):
@@ -225,6 +227,7 @@ class WorkerGroup:
         self.master_addr = ""
         self.master_port = 0
         self.startup_seconds = 0.0
+        self.node_ids: list[str] = []  # rank -> Ray node id
 
     def bundle(self) -> dict[str, float]:
         b = {"CPU": float(self.cfg.cpus_per_worker)}
@@ -259,6 +262,7 @@ class WorkerGroup:
             nodes = wait_all([a.node.remote() for a in self.actors], self.cfg.start_timeout_s)
             order = node_contiguous_order([node_id for _, node_id, _ in nodes])
             self.actors, nodes = [self.actors[i] for i in order], [nodes[i] for i in order]
+            self.node_ids = [node_id for _, node_id, _ in nodes]
             self.master_addr = nodes[0][0]
             self.master_port = self.cfg.master_port or ray.get(self.actors[0].free_port.remote())
             envs = self._environments(nodes)
@@ -272,8 +276,27 @@ class WorkerGroup:
                 "(e.g. /tmp/ray/session_latest/logs)"
             ) from None
         self.startup_seconds = time.monotonic() - t0
-        log.info("worker group: %d ranks ready in %.1f s (placement %.1f s), master %s:%d, pids %s",
-                 self.world_size, self.startup_seconds, placed - t0, self.master_addr, self.master_port, self.pids)
+        log.info("worker group: %d ranks ready in %.1f s (placement %.1f s, strategy %s), master %s:%d, pids %s, "
+                 "ranks per node %s", self.world_size, self.startup_seconds, placed - t0, self.cfg.placement_strategy,
+                 self.master_addr, self.master_port, self.pids, self.ranks_per_node())
+
+    def ranks_per_node(self) -> dict[str, list[int]]:
+        by_node: dict[str, list[int]] = {}
+        for rank, node_id in enumerate(self.node_ids):
+            by_node.setdefault(node_id, []).append(rank)
+        return by_node
+
+    def lost_nodes_text(self) -> str:
+        """Which of the group's nodes the cluster has declared dead, as text for an error ('' if none)."""
+        import ray
+
+        try:
+            dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+        except Exception as e:  # the error being reported matters more than this note
+            log.debug("ray.nodes: %s", e)
+            return ""
+        lost = {node: ranks for node, ranks in self.ranks_per_node().items() if node in dead}
+        return "".join(f"; node {node} (ranks {ranks}) left the cluster" for node, ranks in lost.items())
 
     def _reserve(self) -> None:
         import ray
@@ -319,6 +342,7 @@ class WorkerGroup:
                 "MASTER_ADDR": self.master_addr,
                 "MASTER_PORT": str(self.master_port),
                 "OMP_NUM_THREADS": str(max(1, int(self.cfg.cpus_per_worker))),
+                NODE_ID_ENV: node_id,  # for the run's report: which node each rank ran on
             }
             node_gpus = sorted({g for r in peers for g in nodes[r][2]}, key=lambda g: (len(g), g))
             if gpus and node_gpus:
@@ -372,13 +396,15 @@ def run_worker_group(fn: Callable[..., T], args: Sequence[Any] = (), *, world_si
                 root = failed.root
                 if isinstance(root.error, CompressorError):
                     raise root.error
+                lost = group.lost_nodes_text()
                 if attempt == attempts:
                     raise WorkerGroupError(
                         f"the worker group failed on attempt {attempt} of {attempts} (ray.max_restarts="
-                        f"{cfg.max_restarts}): {failed}", root.rank, root.error
+                        f"{cfg.max_restarts}): {failed}{lost}; run again with --resume to continue from the last "
+                        "checkpoint", root.rank, root.error
                     ) from root.error
-                log.warning("attempt %d of %d failed: %s; restarting all %d ranks (they resume from the last "
-                            "checkpoint)", attempt, attempts, failed, world_size)
+                log.warning("attempt %d of %d failed: %s%s; restarting all %d ranks (they resume from the last "
+                            "checkpoint)", attempt, attempts, failed, lost, world_size)
             finally:
                 group.shutdown()
     raise AssertionError("unreachable")

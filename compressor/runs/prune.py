@@ -191,6 +191,7 @@ def _prune(cfg: PruneConfig, out: Path) -> dict[str, Any]:
         outcome = prune_sequential(model, loaded.arch, windows, plan, executor, BlockStore(work), timer,
                                    on_block_start=lazy.load_block if lazy else None,
                                    on_block_done=lazy.save_block if lazy else None)
+        report["executor"] = executor.describe()  # where the jobs ran (Ray: tasks per node)
     if outcome.resumed_blocks:
         log.info("resumed: %d finished blocks loaded from %s", outcome.resumed_blocks, work)
 

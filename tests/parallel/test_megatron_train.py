@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import torch
@@ -48,7 +49,9 @@ def test_train_rank_writes_what_the_exporter_reads(uninterrupted, tiny_llama_dir
 
     _, out = uninterrupted
     report = json.loads((out / "report.json").read_text())
-    assert report["parallel"] == {"tensor": 1, "pipeline": 2, "data": 1, "world_size": 2, "micro_batches": 2}
+    host = socket.gethostname()  # spawned ranks, no Ray node id: each rank's host
+    assert report["parallel"] == {"tensor": 1, "pipeline": 2, "data": 1, "world_size": 2, "micro_batches": 2,
+                                  "nodes": [host, host]}
     logs = report["history"]["logs"]
     assert [r["step"] for r in logs] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in logs)
     assert {"tau", "kappa", "lambda", "max_prob", "flip_rate", "tokens_per_second"} <= set(logs[0])
