@@ -130,7 +130,8 @@ def _sensitivity(model, space: SearchSpace, windows, cfg: SearchConfig, out: Pat
     path = out / "sensitivity.json"
     if path.is_file():
         return read_json(path)["layers"]
-    traces = fisher_traces(model, list(space.names), windows, cfg.fisher.batch_size)
+    with cfg.precision.autocast():  # a ranking of layers: bf16 products are precise enough for it
+        traces = fisher_traces(model, list(space.names), windows, cfg.fisher.batch_size, desc="Fisher traces")
     layers = traces.layer_traces()
     atomic_write_json(path, {"sequences": traces.sequences, "layers": layers, "blocks": traces.block_traces()})
     return layers

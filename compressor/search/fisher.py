@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 
 @dataclass
@@ -76,11 +77,12 @@ def default_block_of(name: str) -> str:
 
 
 def fisher_traces(model: nn.Module, names: Sequence[str], windows: Iterable[torch.Tensor],
-                  batch_size: int = 1) -> FisherTraces:
+                  batch_size: int = 1, desc: Optional[str] = None) -> FisherTraces:
     """Stream ``windows`` (an iterable of (T,) or (B, T) token-id tensors, e.g. the (N, T) calibration
     windows) through ``model`` (a transformers causal LM) in batches of ``batch_size`` sequences and
     return the summed squared per-sequence gradient norms of the linears ``names``. Memory grows with
-    batch_size x T x vocab (the logits and their gradient); the result does not depend on it."""
+    batch_size x T x vocab (the logits and their gradient); the result does not depend on it. ``desc``:
+    show a progress bar (sequences) under that name."""
     linears = {n: model.get_submodule(n) for n in names}
     for n, m in linears.items():
         if not isinstance(m, nn.Linear):
@@ -88,9 +90,13 @@ def fisher_traces(model: nn.Module, names: Sequence[str], windows: Iterable[torc
     sums = {n: torch.zeros((), dtype=torch.float64) for n in names}
     sequences = 0
     with _weights_frozen(model), _gradient_hooks(linears, sums), torch.enable_grad():
-        for batch in _batches(windows, batch_size):
-            _sum_of_sequence_losses(model, batch).backward()
-            sequences += batch.shape[0]
+        total = sum(len(w) if w.ndim > 1 else 1 for w in windows) if isinstance(windows, (list, tuple)) else (
+            len(windows) if isinstance(windows, torch.Tensor) else None)
+        with tqdm(total=total, desc=desc, unit="seq", disable=desc is None) as bar:
+            for batch in _batches(windows, batch_size):
+                _sum_of_sequence_losses(model, batch).backward()
+                sequences += batch.shape[0]
+                bar.update(batch.shape[0])
     return FisherTraces({n: float(s) for n, s in sums.items()}, {n: m.weight.numel() for n, m in linears.items()},
                         sequences)
 
