@@ -41,7 +41,9 @@ from compressor.utils.timing import PhaseTimer
 
 log = get_logger(__name__)
 STREAMS = {"msp": 1, "evopress": 2}  # each evolutionary search draws from its own generator per seed
-MAY_CHANGE = ("executor", "evaluation")
+# A resumed search may change how it runs and is evaluated, and how many generations it runs: the
+# generations before the checkpoint do not depend on how many follow (loop.evolve).
+MAY_CHANGE = ("executor", "evaluation", "evolution.generations")
 
 
 def run_search(cfg: SearchConfig, output: str | Path, overwrite: bool = False, resume: bool = False,
@@ -49,7 +51,7 @@ def run_search(cfg: SearchConfig, output: str | Path, overwrite: bool = False, r
     """Search into the run folder ``output``; ``on_generation(run, generation)`` after each checkpoint."""
     with run_folder(output, "search", input_paths(cfg), overwrite, resume) as folder:
         save_or_check_config(folder.path, cfg, resuming=folder.resumed, ignore=MAY_CHANGE,
-                             may_change="the executor and evaluation")
+                             may_change="the executor, evaluation and evolution.generations")
         return _search(cfg, folder.path, on_generation)
 
 

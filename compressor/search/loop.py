@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from compressor.checkpoints.tree import load_tree, save_tree, tree_exists
+from compressor.errors import ConfigError
 from compressor.search.config import EvolutionConfig
 from compressor.search.evolution import SelectionStage, breed, multi_step_selection, stage_windows
 from compressor.search.levels import Candidate, SearchSpace
@@ -61,6 +62,9 @@ def evolve(name: str, space: SearchSpace, population: list[Candidate], rng: np.r
         state = SearchState.from_tree(load_tree(checkpoint))
         rng.bit_generator.state = state.rng_state
         log.info("%s: resumed after generation %d (%d evaluations)", name, state.generation, state.evaluations)
+        if state.generation > cfg.generations:
+            raise ConfigError(f"{name}: the checkpoint {checkpoint} is at generation {state.generation}, past "
+                              f"evolution.generations={cfg.generations}; ask for at least {state.generation}")
     else:
         state = SearchState([np.asarray(p, dtype=np.int64) for p in population], rng.bit_generator.state)
     stages = cfg.selection

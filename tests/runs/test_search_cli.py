@@ -93,6 +93,27 @@ def test_a_stopped_search_resumes_to_the_same_plan(tmp_path, tiny_llama_dir, tex
     assert a["evaluations"] == b["evaluations"] and a["levels"] == b["levels"]
 
 
+def test_a_resumed_search_may_change_its_generations(tmp_path, tiny_llama_dir, text_file):
+    """Stopped after 2 of 5 generations, resumed with 3: the same plan as an uninterrupted 3-generation
+    run; resumed with fewer generations than the checkpoint holds: an error naming both."""
+    config = _config(tmp_path, tiny_llama_dir, text_file, searches=["msp"])
+    long, short = (load_config(SearchConfig, config, [f"evolution.generations={g}"]) for g in (5, 3))
+
+    def stop_after_two(run, generation):
+        if generation == 2:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(long, tmp_path / "stopped", on_generation=stop_after_two)
+    with pytest.raises(ConfigError, match="generation 2, past evolution.generations=1; ask for at least 2"):
+        run_search(load_config(SearchConfig, config, ["evolution.generations=1"]), tmp_path / "stopped", resume=True)
+    resumed = run_search(short, tmp_path / "stopped", resume=True)
+    whole = run_search(short, tmp_path / "whole")
+    assert ((tmp_path / "stopped" / "plans" / "msp-s0.yaml").read_text()
+            == (tmp_path / "whole" / "plans" / "msp-s0.yaml").read_text())
+    assert resumed["searches"]["msp-s0"]["evaluations"] == whole["searches"]["msp-s0"]["evaluations"]
+
+
 def test_target_outside_the_levels_fails_at_load(tmp_path, tiny_llama_dir, text_file):
     cfg = _config(tmp_path, tiny_llama_dir, text_file, target=0.95)
     with pytest.raises(ConfigError, match=r"target 0.95 lies outside the level set .* \[0.5, 0.9\]"):
