@@ -40,7 +40,7 @@ def node_resource(index: int) -> str:
     return f"sim_node_{index}"
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     socks = [socket.socket() for _ in range(count)]
     try:
         for s in socks:
@@ -129,12 +129,12 @@ class LocalCluster:
 
     def start(self) -> None:
         ray_cli = Path(sys.executable).parent / "ray"
-        gcs_port, client_port = _free_ports(2)
+        gcs_port, client_port = free_ports(2)
         self.address = f"127.0.0.1:{gcs_port}"
         for i, cpus in enumerate(self.node_cpus):
             temp_dir = self.root / f"n{i}"
             temp_dir.mkdir()
-            ports = _free_ports(len(_NODE_PORTS))
+            ports = free_ports(len(_NODE_PORTS))
             role = (["--head", f"--port={gcs_port}", "--include-dashboard=false",
                      f"--ray-client-server-port={client_port}"] if i == 0 else [f"--address={self.address}"])
             cmd = [str(ray_cli), "start", "--block", *role, "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",

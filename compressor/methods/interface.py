@@ -87,9 +87,16 @@ def register(cls: type[OneShotMethod]) -> type[OneShotMethod]:
 
 def get_method(name: str) -> OneShotMethod:
     try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(f"unknown one-shot method {name!r}; registered methods: {', '.join(sorted(METHODS))}") from None
+        return METHODS[registered_name(name)]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def registered_name(name: str) -> str:
+    """A config validator's check of a method name (pydantic reports a ValueError with the field)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown one-shot method {name!r}; registered methods: {', '.join(sorted(METHODS))}")
+    return name
 
 
 def section_options(cfg: StrictModel, name: str) -> Any:

@@ -13,7 +13,7 @@ import torch
 
 from compressor.calibration.stats import InputStats, StatsKind
 from compressor.methods.interface import (
-    METHODS, LayerJob, LayerResult, OneShotMethod, get_method, register, section_options,
+    METHODS, LayerJob, LayerResult, OneShotMethod, get_method, register, registered_name, section_options,
 )
 from compressor.methods.oneshot import MagnitudeOptions, SparseGPTOptions, SparseSwapsOptions, WandaOptions
 

@@ -17,7 +17,7 @@ from compressor.eval.config import EvalConfig
 from compressor.eval.runner import check_tasks_available, run_tasks
 from compressor.execution.base import ExecutorConfig, make_executor
 from compressor.methods.registry import (
-    METHODS, MagnitudeOptions, SparseGPTOptions, SparseSwapsOptions, WandaOptions, get_method, section_options,
+    MagnitudeOptions, SparseGPTOptions, SparseSwapsOptions, WandaOptions, get_method, registered_name, section_options,
 )
 from compressor.models.checks import assert_finite_weights
 from compressor.models.config import ModelConfig
@@ -78,9 +78,7 @@ class PruneConfig(StrictModel):
     @field_validator("method")
     @classmethod
     def _registered(cls, name: str) -> str:
-        if name not in METHODS:
-            raise ValueError(f"unknown one-shot method {name!r}; registered methods: {', '.join(sorted(METHODS))}")
-        return name
+        return registered_name(name)
 
     @property
     def method_options(self) -> Any:

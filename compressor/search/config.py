@@ -12,7 +12,7 @@ from compressor.config.base import StrictModel
 from compressor.eval.config import EvalConfig
 from compressor.execution.base import ExecutorConfig
 from compressor.methods.registry import (
-    METHODS, MagnitudeOptions, SparseGPTOptions, SparseSwapsOptions, WandaOptions, section_options,
+    MagnitudeOptions, SparseGPTOptions, SparseSwapsOptions, WandaOptions, registered_name, section_options,
 )
 from compressor.models.config import ModelConfig
 from compressor.precision import Precision
@@ -116,9 +116,7 @@ class SearchConfig(StrictModel):
     @field_validator("method")
     @classmethod
     def _registered(cls, name: str) -> str:
-        if name not in METHODS:
-            raise ValueError(f"unknown one-shot method {name!r}; registered methods: {', '.join(sorted(METHODS))}")
-        return name
+        return registered_name(name)
 
     @property
     def level_set(self) -> LevelSet:

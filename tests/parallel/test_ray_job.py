@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,19 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from compressor.execution.local_cluster import free_ports
+
 ROOT = Path(__file__).resolve().parents[2]
+
 RAY = Path(sys.executable).parent / "ray"
 
 
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -55,7 +48,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture
 def ray_head():
     """A private head node: every port chosen free, its own temp dir (so nobody's `ray.init()` finds it)."""
-    gcs, dashboard, *others = _free_ports(9)
+    gcs, dashboard, *others = free_ports(9)
     names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
              "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must fit 107 chars
