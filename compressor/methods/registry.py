@@ -7,37 +7,21 @@ inputs) through whatever executor it uses; methods never learn how they are sche
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 
-from compressor.calibration.stats import InputStats, StatsKind
+from compressor.calibration.stats import InputStats
 from compressor.methods.interface import (
     METHODS, LayerJob, LayerResult, OneShotMethod, get_method, register, registered_name, section_options,
 )
 from compressor.methods.oneshot import MagnitudeOptions, SparseGPTOptions, SparseSwapsOptions, WandaOptions
 
 __all__ = [
-    "METHODS", "LayerJob", "LayerResult", "OneShotMethod", "get_method", "register", "section_options", "STATS_NEEDED",
+    "METHODS", "LayerJob", "LayerResult", "OneShotMethod", "get_method", "register", "section_options",
     "MagnitudeOptions", "WandaOptions", "SparseGPTOptions", "SparseSwapsOptions", "has_shared_factor",
     "shared_factor", "row_separable", "merge_row_chunks", "stackable", "split_rows", "solve_layer", "solve_layers",
 ]
-
-
-class _StatsNeeded(Mapping[str, StatsKind]):
-    """``STATS_NEEDED[method]``: the statistics kind a registered method reads (a live view of METHODS)."""
-
-    def __getitem__(self, name: str) -> StatsKind:
-        return get_method(name).stats
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(METHODS)
-
-    def __len__(self) -> int:
-        return len(METHODS)
-
-
-STATS_NEEDED: Mapping[str, StatsKind] = _StatsNeeded()
 
 
 def has_shared_factor(job: LayerJob) -> bool:
@@ -111,7 +95,7 @@ def solve_layers(
 
 def solve_layer(job: LayerJob, weight: torch.Tensor, stats: InputStats, factor: Optional[Any] = None) -> LayerResult:
     """Run one method on one layer, or on a slice of its rows if ``row_separable(job)``. ``stats`` must
-    hold what ``STATS_NEEDED[job.method]`` names; ``factor`` is ``shared_factor(job, stats)`` or None
+    hold what ``get_method(job.method).stats`` names; ``factor`` is ``shared_factor(job, stats)`` or None
     (then it is computed here)."""
     method = get_method(job.method)
     if factor is None and method.has_shared_factor(job):

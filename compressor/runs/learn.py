@@ -19,7 +19,7 @@ from compressor.config.base import input_paths
 from compressor.errors import ConfigError, SparsityPatternError
 from compressor.execution.base import InProcessExecutor
 from compressor.methods.maskllm.config import check_pattern_count
-from compressor.methods.registry import STATS_NEEDED, section_options
+from compressor.methods.registry import get_method, section_options
 from compressor.methods.sparse_training.flops import linear_gemm_flops
 from compressor.models.checks import assert_finite_weights
 from compressor.models.layers import prunable_linears
@@ -69,7 +69,7 @@ def prior_masks(cfg: LearnConfig, names: list[str], levels: Optional[Mapping[str
         plan = OneShotPlan(prior.kind, cfg.sparsity, section_options(prior, prior.kind), prior.sparsegpt,
                            tuple(cfg.targets), tuple(cfg.ignore), c.batch_size, layer_error=False,
                            precision=cfg.precision, levels=levels)
-        if STATS_NEEDED[prior.kind] == "none":
+        if get_method(prior.kind).stats == "none":
             windows = windows[:0]
         masks = prune_sequential(loaded.model, loaded.arch, windows, plan, InProcessExecutor()).masks
         del loaded

@@ -27,7 +27,7 @@ from torch import nn
 from compressor.calibration import capture_block_inputs, collect_block_stats
 from compressor.calibration.stats import InputStats
 from compressor.execution.base import Executor
-from compressor.methods.registry import STATS_NEEDED, LayerJob, has_shared_factor, shared_factor, solve_layers
+from compressor.methods.registry import LayerJob, get_method, has_shared_factor, shared_factor, solve_layers
 from compressor.methods.wanda import wanda_scores
 from compressor.models.arch import DecoderArch
 from compressor.models.layers import LinearTarget, by_block, decoder_blocks
@@ -129,7 +129,7 @@ def build_database(model: nn.Module, arch: DecoderArch, targets: list[LinearTarg
     if not missing and owl_path.is_file():
         log.info("level database: all %d entries on disk", len(names) * (1 if db.nested else len(db.levels)))
         return BuildReport(0, len(names), 0)
-    needs = STATS_NEEDED[db.method]
+    needs = get_method(db.method).stats
     kind = "gram" if needs == "gram" else "norms"  # norms at least: OWL's outlier ratios need them
     levels_m = db.levels[0].m if isinstance(db.levels[0], NM) else None
     blocks, per_block = decoder_blocks(model, arch), by_block(targets)
