@@ -42,12 +42,16 @@ class _BDWPLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, weight, m_out = ctx.saved_tensors
+        # Under autocast the forward product ran in its dtype (grad_out's), but backward runs outside the
+        # autocast region: the two products take that dtype too, as autocast's own linear backward does;
+        # autograd casts each gradient to its input's dtype.
+        dtype = grad_out.dtype
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ (weight * m_out.to(weight.dtype))  # (..., out) @ (out, in) -> (..., in)
+            grad_x = grad_out @ (weight * m_out.to(weight.dtype)).to(dtype)  # (..., out) @ (out, in) -> (..., in)
         flat_out = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
         if ctx.needs_input_grad[1]:
-            grad_w = flat_out.T @ x.reshape(-1, x.shape[-1])  # (out, tokens) @ (tokens, in): dense
+            grad_w = flat_out.T @ x.reshape(-1, x.shape[-1]).to(dtype)  # (out, tokens) @ (tokens, in): dense
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat_out.sum(dim=0)
         return grad_x, grad_w, grad_b, None, None

@@ -50,6 +50,26 @@ def test_forward_input_and_weight_gradients_match_their_definition():
     assert torch.allclose(b.grad, dy.sum(dim=(0, 1)))
 
 
+def test_under_bf16_autocast_the_products_run_in_bf16_and_the_gradients_keep_their_dtypes():
+    # backward runs outside the autocast region: its products must take the forward's dtype themselves
+    nm = NM(2, 4)
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 12, generator=gen).requires_grad_(True)
+    x = torch.randn(2, 5, 12, generator=gen).requires_grad_(True)
+    dy = torch.randn(2, 5, 8, generator=gen)
+    m_in, m_out = bdwp_masks(w, nm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = bdwp_linear(x, w, None, m_in, m_out)
+    assert y.dtype == torch.bfloat16
+    y.backward(dy.to(torch.bfloat16))
+    assert x.grad.dtype == w.grad.dtype == torch.float32
+    bf = torch.bfloat16
+    assert torch.equal(x.grad, (dy.to(bf) @ (w.detach() * m_out).to(bf)).float())
+    assert torch.equal(w.grad, (dy.to(bf).reshape(-1, 8).T @ x.detach().to(bf).reshape(-1, 12)).float())
+    exact = dy @ (w.detach() * m_out)
+    assert torch.allclose(x.grad, exact, rtol=0.05, atol=0.05)  # bf16's rounding of the float32 gradient
+
+
 def test_swap_is_reversible_and_bakes_the_forward_mask():
     nm = NM(2, 4)
     torch.manual_seed(2)
