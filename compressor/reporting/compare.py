@@ -1,8 +1,9 @@
 """`compressor report RUN [RUN ...]`: one Markdown page with PNG charts that compares runs side by side.
 
-It reads the ``report.json`` of any command (prune, learn, launch: a run folder; eval: its ``--output``
-JSON file) and shows what each has: perplexity, every evaluation task with its standard error, per-layer
-errors and sparsity by decoder block, timings, and the training curves of mask-learning runs.
+It reads the ``report.json`` of any command (prune, learn, launch, search: a run folder; eval: its
+``--output`` JSON file) and shows what each has: perplexity, every evaluation task with its standard
+error, per-layer errors and sparsity by decoder block, timings, the training curves of mask-learning
+runs, and the plans of mixed-sparsity searches (each plan's fitness, perplexity and evaluations).
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ def _name(path: Path, depth: int) -> str:
 
 
 def kind_of(report: Mapping[str, Any]) -> str:
-    """What wrote the report: "prune wanda 2:4", "learn maskllm 2:4 (deepspeed)", "eval"."""
+    """What wrote the report: "prune wanda 2:4", "learn maskllm 2:4 (deepspeed)", "search sparsegpt 0.7", "eval"."""
+    if "searches" in report:
+        cfg = report.get("config", {})
+        return f"search {cfg.get('method', '')} {cfg.get('target', '')}".strip()
     if "method" not in report:
         return "eval"
     backend = report.get("backend")
@@ -68,7 +72,7 @@ def kind_of(report: Mapping[str, Any]) -> str:
 
 def tasks_of(report: Mapping[str, Any]) -> dict[str, Any]:
     """The report's task results; older reports (and launch runs) have only a perplexity."""
-    if report.get("evaluation"):
+    if (report.get("evaluation") or {}).get("tasks"):
         return dict(report["evaluation"]["tasks"])
     ppl = report.get("perplexity")
     if isinstance(ppl, Mapping) and "perplexity" in ppl:
@@ -124,6 +128,16 @@ def dense_series(runs: list[Run]) -> dict[str, dict[str, Any]]:
     return series
 
 
+def search_rows(runs: list[Run]) -> list[list[Any]]:
+    """One row per plan of every search report: its fitness, perplexity (when evaluated), evaluations, average."""
+    rows = []
+    for run in runs:
+        for name, s in (run.report.get("searches") or {}).items():
+            rows.append([run.label, name, s.get("final_fitness"), (s.get("perplexity") or {}).get("perplexity"),
+                         s.get("evaluations"), s.get("average"), s.get("plan")])
+    return rows
+
+
 def figure(chart: Optional[Path], title: str) -> list[str]:
     return ["", f"![{title}]({chart.name})"] if chart is not None else []
 
@@ -140,9 +154,14 @@ def write_comparison(sources: list[str | Path], output: str | Path) -> Path:
 
     ppl = {run.label: {"perplexity": (m["value"], m.get("stderr"))} for run in runs
            if (m := tasks_of(run.report).get("perplexity", {}).get("metrics", {}).get("perplexity"))}
+    plans = search_rows(runs)
+    ppl.update({f"{label}/{name}": {"perplexity": (p, None)} for label, name, _, p, *_ in plans if p is not None})
     if ppl:
         parts += ["", "## Perplexity"] + figure(plot_grouped_bars(
             ppl, out / "perplexity.png", "Perplexity (± standard error)", "perplexity", logy=True), "perplexity")
+    if plans:
+        parts += ["", "## Mixed-sparsity searches", "",
+                  table(["run", "search", "final fitness", "perplexity", "evaluations", "average", "plan"], plans)]
     series = {run.label: tasks_of(run.report) for run in runs}
     series.update(dense_series(runs))
     if any(series.values()):
@@ -150,7 +169,8 @@ def write_comparison(sources: list[str | Path], output: str | Path) -> Path:
                   tasks_table(series)]
         parts += figure(plot_task_bars(series, out / "tasks.png", "Task scores (± standard error)"), "task scores")
 
-    layered = {run.label: run.report["layers"] for run in runs if run.report.get("layers")}
+    layered = {run.label: run.report["layers"] for run in runs  # a search report's "layers" is a count
+               if isinstance(run.report.get("layers"), list) and run.report["layers"]}
     errors = {label: block_series(layers, mean_error) for label, layers in layered.items()}
     if any(errors.values()):
         by_type = {run.label: run.report["summary"]["error_by_type"] for run in runs

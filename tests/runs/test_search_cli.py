@@ -68,6 +68,13 @@ def test_search_writes_plans_at_the_exact_target(tmp_path, tiny_llama_dir, text_
     sens = json.loads((out / "sensitivity.json").read_text())
     assert set(sens["layers"]) == set(shapes) and all(v > 0 for v in sens["layers"].values())
 
+    assert main(["report", str(out), "--output", str(tmp_path / "page")]) == 0  # the comparison page reads searches
+    page = (tmp_path / "page" / "report.md").read_text()
+    assert "| run | search sparsegpt 0.7 |" in page and "## Mixed-sparsity searches" in page
+    for key, s in report["searches"].items():
+        assert f"| run | {key} | {s['final_fitness']:.4g} |" in page, key
+    assert (tmp_path / "page" / "perplexity.png").stat().st_size > 1000
+
 
 def test_a_stopped_search_resumes_to_the_same_plan(tmp_path, tiny_llama_dir, text_file):
     cfg = load_config(SearchConfig, _config(tmp_path, tiny_llama_dir, text_file, searches=["msp"]),
