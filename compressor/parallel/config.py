@@ -99,6 +99,9 @@ class DistributedLearnConfig(MaskLearningConfig):
             raise ValueError("sparsity_plan (a different N:M per layer) is not supported yet with `compressor launch` "
                              "(the megatron trainer builds one N:M for all its fused linears); use `compressor learn`, "
                              "or remove sparsity_plan")
+        if t.eval_tasks:
+            raise ValueError("train.eval_tasks is not supported by the distributed (megatron) trainer, whose curve "
+                             "is the hard-mask perplexity; score tasks at the end (evaluation.tasks) or remove it")
         if self.maskllm.train_weights:
             raise ValueError("maskllm.train_weights is not supported by the distributed (megatron) trainer: "
                              "the weights stay frozen there; use backend deepspeed in `compressor learn` for it")

@@ -23,6 +23,7 @@ from compressor.methods.registry import get_method, section_options
 from compressor.methods.sparse_training.flops import linear_gemm_flops
 from compressor.models.checks import assert_finite_weights
 from compressor.models.layers import prunable_linears
+from compressor.eval.config import EvalConfig
 from compressor.eval.runner import check_tasks_available, run_tasks
 from compressor.pipelines.sequential import OneShotPlan, prune_sequential
 from compressor.precision import log_precision
@@ -131,6 +132,8 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
     from compressor.models import load_model
 
     check_tasks_available(cfg.evaluation)
+    if curve_task_config(cfg) is not None:
+        check_tasks_available(curve_task_config(cfg))
     backend = make_backend(cfg)
     out = Path(output)
     timer = PhaseTimer()
@@ -157,7 +160,13 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
     evaluate_fn = None
     if cfg.evaluation.enabled and (backend.is_main or backend.partitioned):
         eval_windows, note = eval_windows_for(cfg.evaluation, tokenizer)
-        evaluate_fn = lambda: evaluate(model, eval_windows, cfg.evaluation, note, "hard mask").perplexity  # noqa: E731
+        curve_tasks = curve_task_config(cfg)
+
+        def evaluate_fn() -> dict[str, float]:
+            scores = {"perplexity": evaluate(model, eval_windows, cfg.evaluation, note, "hard mask").perplexity}
+            if curve_tasks is not None:
+                scores.update(task_scores(run_tasks(model, tokenizer, curve_tasks)))
+            return scores
 
     scalars = ScalarWriter(out / TENSORBOARD_DIR) if backend.is_main else None
     with timer.phase("train"):
@@ -223,6 +232,21 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
 
 
 @torch.no_grad()
+def curve_task_config(cfg: LearnConfig) -> Optional[EvalConfig]:
+    """The evaluation of ``train.eval_tasks`` at each curve point (None: perplexity only)."""
+    if not cfg.train.eval_tasks:
+        return None
+    limit = cfg.train.eval_tasks_limit or cfg.evaluation.harness.limit
+    return cfg.evaluation.model_copy(update={"tasks": cfg.train.eval_tasks,
+                                             "harness": cfg.evaluation.harness.model_copy(update={"limit": limit})})
+
+
+def task_scores(evaluation: Mapping[str, Any]) -> dict[str, float]:
+    """``{"<task>/<metric>": value}`` of a ``run_tasks`` result (a curve point's extra columns)."""
+    return {f"{task}/{name}": m["value"] for task, result in evaluation["tasks"].items()
+            for name, m in result["metrics"].items()}
+
+
 def _rebake_from_source(model: torch.nn.Module, state: Optional[dict[str, torch.Tensor]], masks: dict[str, torch.Tensor],
                         folder: Path) -> Optional[dict[str, torch.Tensor]]:
     """Masked weights = the source folder's weights x hard mask, in the source dtype (frozen weights held
@@ -282,6 +306,11 @@ def _plots(out: Path, history: History, kind: str) -> list[str]:
         plots.append(plot_lines({"hard-mask perplexity": [(r["tokens"], r["perplexity"]) for r in history.evals]},
                                 out / "plots" / "perplexity.png", "Perplexity of the hard mask", "training tokens",
                                 "perplexity", logy=True))
+        curves = {key: [(r["tokens"], r[key]) for r in history.evals if key in r]
+                  for key in dict.fromkeys(k for r in history.evals for k in r if "/" in k)}
+        if curves:  # train.eval_tasks
+            plots.append(plot_lines(curves, out / "plots" / "task_curves.png", "Task scores of the hard mask",
+                                    "training tokens", "score"))
     return [str(p.relative_to(out)) for p in plots]
 
 

@@ -59,8 +59,21 @@ class TrainConfig(StrictModel):
     shuffle_buffer: int = Field(0, ge=0)  # windows; 0 = corpus order
     log_every: PositiveInt = 10
     eval_every: Optional[PositiveInt] = 50  # perplexity of the hard mask
+    # Harness tasks scored with the perplexity at every curve point (accuracy against training tokens),
+    # on their first eval_tasks_limit documents (None: all); the final evaluation runs evaluation.tasks.
+    eval_tasks: list[str] = []
+    eval_tasks_limit: Optional[PositiveInt] = None
     checkpoint_every: PositiveInt = 50
     keep_checkpoints: PositiveInt = 2
+
+    @field_validator("eval_tasks")
+    @classmethod
+    def _harness_tasks(cls, names: list[str]) -> list[str]:
+        from compressor.eval.tasks import resolve_tasks
+
+        if any(s.harness is None for s in resolve_tasks(names)):  # unknown names raise, listing the known
+            raise ValueError("train.eval_tasks holds harness tasks; the curve has the perplexity already")
+        return names
 
 
 class MaskLLMMethod(StrictModel):
@@ -150,6 +163,9 @@ class LearnConfig(MaskLearningConfig):
         if kind == "fixed_mask" and self.prior.kind == "none":
             raise ValueError("method.kind fixed_mask trains under a given mask: set prior.kind to a one-shot "
                              "method or to file (with prior.path: a `compressor prune` run folder or masks.safetensors)")
+        if self.train.eval_tasks and self.backend == "deepspeed" and self.deepspeed.zero_stage == 3:
+            raise ValueError("train.eval_tasks runs the harness on rank 0's model, which ZeRO-3 keeps partitioned; "
+                             "use zero_stage 1 or 2, or score the tasks at the end (evaluation.tasks)")
         if kind != "maskllm" and self.backend == "deepspeed" and self.deepspeed.zero_stage == 3:
             raise ValueError(f"deepspeed.zero_stage 3 is supported for method.kind maskllm only; method.kind "
                              f"{kind!r} runs with zero_stage 0, 1 or 2")

