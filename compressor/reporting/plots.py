@@ -51,12 +51,30 @@ def plot_lines(series: Mapping[str, Sequence[tuple[float, float]]], path: str | 
             ax.plot(xs, ys, marker=".", label=label)
     if logy:
         ax.set_yscale("log")
+    _label(ax, title, xlabel, ylabel)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_tradeoff(points: Mapping[str, tuple[float, float]], path: str | Path, title: str, xlabel: str,
+                  ylabel: str, logx: bool = True) -> Path:
+    """One labelled point per series, e.g. a model's perplexity (x) against its mean task accuracy (y)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (x, y) in points.items():
+        ax.scatter([x], [y])
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if logx:
+        ax.set_xscale("log")
+    _label(ax, title, xlabel, ylabel)
+    return _save(fig, path)
+
+
+def _label(ax, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
 def score_rows(tasks: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, float, Optional[float]]]:
