@@ -176,9 +176,15 @@ class DeepSpeedBackend(Backend):
             return
         import deepspeed
 
-        # only the zero section matters to zero.Init; the batch sizes just make the config valid
-        config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": self.cfg.zero_config()}
-        with deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype):
+        # the dtype goes in as the config's bf16 / fp16 section, never as zero.Init's dtype argument: with a
+        # config, 0.19.8 reads ``dtype or float16 if fp16 is supported else bfloat16 ...`` and so makes
+        # every parameter bf16 on a CPU whatever dtype is given; the batch size only makes the config valid
+        config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": self.cfg.zero_config()}
+        if dtype in (torch.bfloat16, torch.float16):
+            config["bf16" if dtype == torch.bfloat16 else "fp16"] = {"enabled": True}
+        elif dtype != torch.float32:
+            raise ValueError(f"ZeRO-3 builds parameters in float32, bfloat16 or float16, not {dtype}")
+        with deepspeed.zero.Init(config_dict_or_path=config):
             yield
 
     def full_shape(self, param: torch.Tensor) -> torch.Size:
