@@ -169,3 +169,27 @@ def test_what_the_partitioned_load_cannot_do_yet_is_refused_with_the_way_out(tin
     with pytest.raises(ConfigError, match="zero3_partitioned_load: false"):
         _zero3(tiny_llama_dir, text, 29589, distill={"weight": 0.5})
     _zero3(tiny_llama_dir, text, 29589, partitioned=False, precision={"compute": "bfloat16"})
+
+
+def test_transfer_logits_are_loaded_a_layer_at_a_time(tmp_path, partitioned, tiny_llama_dir, text):
+    cfg = _zero3(tiny_llama_dir, text, 29591, init_logits=str(partitioned / "logits.safetensors"),
+                 **{"train.steps": 2})
+    report = json.loads((_spawn(cfg, tmp_path / "transfer", instrument=False) / "report.json").read_text())
+    # its step-0 hard mask is the argmax of the logits it started from: the first run's final model
+    first = json.loads((partitioned / "report.json").read_text())
+    assert report["history"]["evals"][0]["perplexity"] == first["perplexity"]["perplexity"]
+
+
+def test_a_file_prior_is_read_a_mask_at_a_time(tmp_path, partitioned, tiny_llama_dir, text):
+    cfg = _zero3(tiny_llama_dir, text, 29593, prior={"kind": "file", "path": str(partitioned)},
+                 maskllm={"sparsity": "2:4", "logits_lr": 0.05, "prior_strength": 50.0, "sample_every": "micro_batch"},
+                 **{"train.steps": 1, "evaluation.enabled": False})
+    report = json.loads((_spawn(cfg, tmp_path / "file-prior", instrument=False) / "report.json").read_text())
+    assert report["prior_agreement"] == 1.0  # a strong prior: the step-0 masks are the file's masks
+    from compressor.checkpoints.tree import load_tree
+    from compressor.sparsity import unpack_bits
+
+    prior = load_masks(partitioned / "masks.safetensors")
+    kept = load_tree(tmp_path / "file-prior" / "checkpoints" / "step_0000001" / "shared")["start_masks"]
+    assert kept.keys() == prior.keys()
+    assert all(torch.equal(unpack_bits(kept[n], prior[n].shape[-1]), prior[n]) for n in prior)
