@@ -193,3 +193,16 @@ def test_a_file_prior_is_read_a_mask_at_a_time(tmp_path, partitioned, tiny_llama
     kept = load_tree(tmp_path / "file-prior" / "checkpoints" / "step_0000001" / "shared")["start_masks"]
     assert kept.keys() == prior.keys()
     assert all(torch.equal(unpack_bits(kept[n], prior[n].shape[-1]), prior[n]) for n in prior)
+
+
+def test_qwen2_biases_load_partitioned(tmp_path, tiny_qwen2_dir, text):
+    from compressor.models import load_model
+
+    out = _spawn(_zero3(tiny_qwen2_dir, text, 29595, **{"train.steps": 1, "evaluation.enabled": False}),
+                 tmp_path / "qwen2", instrument=False)
+    dense, baked = load_model(str(tiny_qwen2_dir)).model, load_model(str(out / "model")).model
+    masks = load_masks(out / "masks.safetensors")
+    for name, p in baked.named_parameters():
+        expected = dense.get_parameter(name) * masks[name] if name in masks else dense.get_parameter(name)
+        assert torch.equal(p, expected), name
+    assert any(n.endswith("q_proj.bias") for n, _ in baked.named_parameters())
