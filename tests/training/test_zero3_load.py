@@ -134,7 +134,8 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, partitione
     from tests.training.test_deepspeed import _kill_and_resume
 
     out = tmp_path / "killed"
-    _kill_and_resume(_zero3(tiny_llama_dir, text, 29585), out)
+    # no evaluation (it draws no noise and reads no data, so the run is the same): two runs in under a minute
+    _kill_and_resume(_zero3(tiny_llama_dir, text, 29585, **{"evaluation.enabled": False}), out)
     step = out / "checkpoints" / "step_0000002"
     assert (step / "logits.safetensors").is_file()  # streamed a layer at a time; nothing gathered in shared
     assert "logits" not in json.loads((step / "shared.json").read_text())
@@ -142,7 +143,8 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, partitione
     assert all(torch.equal(resumed[n], whole[n]) for n in whole)
     mine = json.loads((out / "report.json").read_text())["history"]
     theirs = json.loads((partitioned / "report.json").read_text())["history"]
-    assert mine["evals"] == theirs["evals"]
+    key = lambda r: (r["step"], r["loss"], r["max_prob"], r["flip_rate"])  # noqa: E731 (timings differ)
+    assert [key(r) for r in mine["logs"]] == [key(r) for r in theirs["logs"]]
 
 
 def test_tied_embeddings_load_partitioned_and_ship_one_head(tmp_path, text, smollm_dir):
