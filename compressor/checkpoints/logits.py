@@ -40,10 +40,21 @@ def save_logits(path: str | Path, logits: Mapping[str, torch.Tensor], sparsity: 
     for name, value in logits.items():
         _check_shape(name, value, per_layer[name], str(path))
     tensors = {name: value.detach().float().cpu().contiguous() for name, value in logits.items()}
+    atomic_save_safetensors(tensors, path, metadata=logits_metadata(per_layer, sparsity, levels))
+
+
+def logits_metadata(per_layer: Mapping[str, NM], sparsity: NM | str, levels: Optional[Mapping[str, NM]] = None
+                    ) -> dict[str, str]:
+    """The metadata of a logits file of these layers (weight name -> its N:M)."""
     meta = {"format": FORMAT, "sparsity": str(NM.parse(sparsity)) if not levels else "mixed"}
     if levels:
         meta["levels"] = json.dumps({name: str(nm) for name, nm in per_layer.items()})
-    atomic_save_safetensors(tensors, path, metadata=meta)
+    return meta
+
+
+def logits_shape(out_features: int, in_features: int, nm: NM) -> tuple[int, int, int]:
+    """(out, in / M, C(M, N)): the logits of one weight."""
+    return (out_features, in_features // nm.m, comb(nm.m, nm.n))
 
 
 def logits_sparsity(path: str | Path) -> Optional[NM]:

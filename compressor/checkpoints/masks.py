@@ -28,16 +28,58 @@ def save_masks(path: str | Path, masks: Mapping[str, torch.Tensor], sparsity: Op
                levels: Optional[Mapping[str, str]] = None) -> None:
     """``levels``: each mask's level text by weight name (a mixed plan); ``sparsity``: the one level of all."""
     packed = {name: pack_bits(mask.bool().cpu()).contiguous() for name, mask in masks.items()}
-    shapes = {name: list(mask.shape) for name, mask in masks.items()}
-    meta = {"format": FORMAT, "shapes": json.dumps(shapes)}
+    meta = masks_metadata({name: tuple(mask.shape) for name, mask in masks.items()}, sparsity, levels)
+    atomic_save_safetensors(packed, path, metadata=meta)
+
+
+def masks_metadata(shapes: Mapping[str, tuple[int, ...]], sparsity: Optional[str] = None,
+                   levels: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The metadata of a mask file holding masks of these (unpacked) shapes, by weight name."""
+    meta = {"format": FORMAT, "shapes": json.dumps({name: list(shape) for name, shape in shapes.items()})}
     if sparsity is not None:
         meta["sparsity"] = str(sparsity)
     if levels is not None:
-        missing = sorted(set(masks) - set(levels))
+        missing = sorted(set(shapes) - set(levels))
         if missing:
             raise ValueError(f"save_masks: no level for {len(missing)} masks, e.g. {missing[0]}")
-        meta["levels"] = json.dumps({name: str(levels[name]) for name in masks})
-    atomic_save_safetensors(packed, path, metadata=meta)
+        meta["levels"] = json.dumps({name: str(levels[name]) for name in shapes})
+    return meta
+
+
+def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape ``pack_bits`` gives a mask of ``shape``: rows padded to whole bytes."""
+    return (*shape[:-1], (shape[-1] + 7) // 8)
+
+
+class MaskReader:
+    """Masks read one at a time from a mask file (``load_masks`` reads them all)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"mask file {path} does not exist")
+        try:
+            self._fh = safe_open(str(self.path), framework="pt")
+            meta = self._fh.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(f"{path} is not a compressor mask file (format {meta.get('format')!r})")
+            self._shapes = json.loads(meta["shapes"])
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"cannot read mask file {path}: {exc}") from exc
+
+    def keys(self) -> list[str]:
+        return list(self._fh.keys())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shapes
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._shapes:
+            raise CheckpointError(f"{self.path}: mask {name} has no recorded shape")
+        rows, cols = self._shapes[name][:-1], self._shapes[name][-1]
+        return unpack_bits(self._fh.get_tensor(name), cols).reshape(*rows, cols)
 
 
 def load_masks(path: str | Path) -> dict[str, torch.Tensor]:

@@ -50,7 +50,7 @@ class WeightStore:
     def names(self) -> list[str]:
         return list(self._files)
 
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _handle(self, name: str):
         if name not in self._files:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {self.folder}")
         path = self._files[name]
@@ -58,8 +58,15 @@ class WeightStore:
             from safetensors import safe_open
 
             self._handles[path] = safe_open(path, framework="pt")
-        tensor = self._handles[path].get_tensor(name)
+        return self._handles[path]
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = self._handle(name).get_tensor(name)
         return tensor.to(dtype) if dtype is not None else tensor
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the file's header (no data read)."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
 
 
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:

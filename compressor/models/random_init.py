@@ -30,7 +30,8 @@ PRESETS: dict[str, dict[str, int]] = {
 def save_random_model(folder: str | Path, preset: str = "tiny", model_type: str = "llama", seed: int = 0,
                       tokenizer_source: str = "smollm2-135m", **overrides: Any) -> Path:
     """Write an HF folder: ``tokenizer_source``'s tokenizer, a ``model_type`` model of the preset's
-    shape (``overrides`` change single dimensions) with weights drawn from ``seed``; untied embeddings."""
+    shape (``overrides`` change single dimensions) with weights drawn from ``seed``; untied embeddings
+    unless ``tie_word_embeddings=True`` is among the overrides."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from compressor.models.loading import local_folder, resolve_source
@@ -39,7 +40,8 @@ def save_random_model(folder: str | Path, preset: str = "tiny", model_type: str 
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     tokenizer = AutoTokenizer.from_pretrained(local_folder(resolve_source(tokenizer_source)))
     dims = {**PRESETS[preset], **overrides}
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), tie_word_embeddings=False, **dims)
+    dims = {"tie_word_embeddings": False, **dims}  # untied unless asked: a lost LM head would otherwise not show
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **dims)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # transformers starts biases at zero, where a lost or misplaced bias would not show

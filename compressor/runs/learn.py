@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from compressor.checkpoints.masks import load_masks, save_masks
+from compressor.checkpoints.masks import MaskReader, load_masks, save_masks
 from compressor.config.base import input_paths
 from compressor.errors import ConfigError, SparsityPatternError
 from compressor.execution.base import InProcessExecutor
@@ -22,23 +22,25 @@ from compressor.methods.maskllm.config import check_pattern_count
 from compressor.methods.registry import get_method, section_options
 from compressor.methods.sparse_training.flops import linear_gemm_flops
 from compressor.models.checks import assert_finite_weights
-from compressor.models.layers import prunable_linears
+from compressor.models.layers import block_prefix, decoder_blocks, prunable_linears
 from compressor.eval.config import EvalConfig
 from compressor.eval.runner import check_tasks_available, run_tasks
 from compressor.pipelines.sequential import OneShotPlan, prune_sequential
-from compressor.precision import log_precision
+from compressor.precision import DTYPES, log_precision
 from compressor.reporting.markdown import learn_report_markdown
 from compressor.reporting.plots import evaluation_plots, plot_lines
 from compressor.reporting.tensorboard import TENSORBOARD_DIR, ScalarWriter
 from compressor.runs.common import evaluate, eval_windows_for, finish_report, save_or_check_config
 from compressor.runs.plans import PLAN_FILE, record_plan, resolve_plan, setup_plan, uniform_text, weight_levels
 from compressor.sparsity.plan import PlanError, ResolvedPlan, SparsityPlan, level_text
-from compressor.sparsity import NM, is_nm, unpack_bits
+from compressor.sparsity import NM, is_nm
 from compressor.training.backends import Backend, DeepSpeedBackend, SingleProcessBackend
 from compressor.training.config import USES_PRIOR, LearnConfig
+from compressor.training.final_checks import MaskChecks
 from compressor.training.learners import FinalModel, make_learner
 from compressor.training.loop import History, train
 from compressor.training.objective import Distillation, next_token
+from compressor.training.zero3 import load_partitioned_model
 from compressor.utils.fs import atomic_dir
 from compressor.utils.run_folder import run_folder
 from compressor.utils.logging import get_logger, setup_logging
@@ -81,6 +83,73 @@ def prior_masks(cfg: LearnConfig, names: list[str], levels: Optional[Mapping[str
     for name, level in (levels or {}).items():  # a file prior made for other levels would fail deep inside
         if not is_nm(masks[f"{name}.weight"], level):
             raise ConfigError(f"the prior's mask of {name} is not {level}, the sparsity plan's level of that layer")
+    return {n: masks[n] for n in names}
+
+
+def layer_priors(cfg: LearnConfig, names: list[str], levels: Optional[Mapping[str, NM]] = None):
+    """``prior_masks`` for a partitioned (ZeRO-3) model, which no rank holds whole: None, or a function of a
+    layer's name and its gathered weight that returns that layer's prior mask (a magnitude-like method
+    solves the layer there; a file prior is read a mask at a time), or, for a method that needs calibration
+    statistics, the masks of a one-shot run over the source read one decoder block at a time
+    (``model.lazy``'s walk; bool masks, a byte per weight)."""
+    prior = cfg.prior
+    if prior.kind == "none" or cfg.method.kind not in USES_PRIOR:
+        return None
+    if prior.kind == "file":
+        path = Path(prior.path)
+        reader = MaskReader(path / "masks.safetensors" if path.is_dir() else path)
+        missing = [n for n in names if n not in reader]
+        if missing:
+            raise ConfigError(f"the prior has no mask for {len(missing)} layers, e.g. {missing[0]}; "
+                              "it was made for other targets or another model")
+
+        def from_file(name: str, weight: torch.Tensor) -> torch.Tensor:
+            mask = reader.get(f"{name}.weight")
+            if levels is not None and not is_nm(mask, levels[name]):
+                raise ConfigError(f"the prior's mask of {name} is not {levels[name]}, the sparsity plan's level of "
+                                  "that layer")
+            return mask
+
+        return from_file
+    if get_method(prior.kind).stats != "none":
+        return _lazy_oneshot_prior(cfg, names, levels)
+    from compressor.calibration.stats import InputStats
+    from compressor.methods.interface import LayerJob
+    from compressor.methods.registry import solve_layers
+
+    options = section_options(prior, prior.kind)
+
+    def solve(name: str, weight: torch.Tensor) -> torch.Tensor:  # what prune_sequential solves for this layer
+        level = levels[name] if levels is not None else cfg.sparsity
+        job = LayerJob(f"{name}.weight", prior.kind, level, options, prior.sparsegpt)
+        return solve_layers([job], [weight], InputStats("none", weight.shape[1]))[0].mask
+
+    return solve
+
+
+def _lazy_oneshot_prior(cfg: LearnConfig, names: list[str], levels: Optional[Mapping[str, NM]]):
+    """A calibrated one-shot prior on a copy of the model read block by block from its folder."""
+    from compressor.data import calibration_windows, load_token_ids
+    from compressor.models import load_model
+    from compressor.models.lazy import WeightStore, materialize, materialize_outer, release
+
+    prior, c = cfg.prior, cfg.prior.calibration
+    loaded = load_model(cfg.model, empty=True)
+    store, dtype = WeightStore(loaded.folder), DTYPES[cfg.model.dtype]
+    materialize_outer(loaded.model, loaded.arch, store, dtype)
+    blocks = decoder_blocks(loaded.model, loaded.arch)
+    windows = calibration_windows(load_token_ids(c.data, loaded.tokenizer), c.num_windows, c.seq_len, c.seed)
+    plan = OneShotPlan(prior.kind, cfg.sparsity, section_options(prior, prior.kind), prior.sparsegpt,
+                       tuple(cfg.targets), tuple(cfg.ignore), c.batch_size, layer_error=False,
+                       precision=cfg.precision, levels=levels)
+    masks = prune_sequential(
+        loaded.model, loaded.arch, windows, plan, InProcessExecutor(),
+        on_block_start=lambda k: materialize(blocks[k], block_prefix(loaded.arch, k), store, dtype),
+        on_block_done=lambda k: release(blocks[k])).masks
+    del loaded
+    missing = [n for n in names if n not in masks]
+    if missing:
+        raise ConfigError(f"the prior has no mask for {len(missing)} layers, e.g. {missing[0]}")
     return {n: masks[n] for n in names}
 
 
@@ -139,17 +208,25 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
     timer = PhaseTimer()
     torch.manual_seed(cfg.train.seed)
     with timer.phase("load"):
-        loaded = load_model(cfg.model)
-        assert_finite_weights(loaded.model)
+        if backend.partitioned_load:  # ZeRO-3: built partitioned, filled one parameter at a time
+            loaded = load_partitioned_model(cfg.model, backend)
+        else:
+            loaded = load_model(cfg.model)
+            assert_finite_weights(loaded.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     targets = prunable_linears(model, loaded.arch, cfg.targets, cfg.ignore)
     names = [f"{t.name}.weight" for t in targets]
     resolved = maskllm_levels(cfg, targets)  # before any work
     levels = None if resolved is None else resolved.levels
     with timer.phase("prior"):
-        priors = None if cfg.init_logits else prior_masks(cfg, names, levels)
+        if cfg.init_logits:
+            priors = None
+        elif backend.partitioned_load:
+            priors = layer_priors(cfg, names, levels)
+        else:
+            priors = prior_masks(cfg, names, levels)
     learner = make_learner(cfg, priors, levels)
-    params = learner.attach(model, [n[: -len(".weight")] for n in names])
+    params = learner.attach(model, [n[: -len(".weight")] for n in names], backend)
     log_precision(cfg.precision, "learn")
     objective = make_objective(cfg)
     backend.setup(model, params, learner.backward_calls(cfg.train.grad_accum), cfg.train.micro_batch_size)
@@ -192,7 +269,15 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
         final = learner.finish(backend)
         if learner.frozen_dtype is not None and backend.is_main:  # ship the source's weights, not their copies
             final.state_dict = _rebake_from_source(model, final.state_dict, final.masks, loaded.folder)
-        if backend.is_main:
+        if final.by_layer is not None:  # ZeRO-3, partitioned load: every file streamed, one layer at a time
+            checks = final.by_layer(
+                out, tokenizer=tokenizer, checks=MaskChecks(cfg.sparsity, levels, history.start_masks),
+                mask_sparsity=uniform_text(resolved) if resolved is not None else str(cfg.sparsity),
+                mask_levels=weight_levels(resolved) if resolved is not None else None)
+            if backend.is_main:
+                report.update(checks)
+                outputs = {"model": "model", "masks": "masks.safetensors", "logits": "logits.safetensors"}
+        elif backend.is_main:
             report.update(check_final(final, cfg.sparsity, history, levels))
             outputs: dict[str, Any] = {"model": "model"}
             if final.masks is not None and resolved is not None:
@@ -271,24 +356,10 @@ def check_final(final: FinalModel, sparsity, history: History,
     (fraction of weights whose bit flipped)."""
     if final.masks is None:
         return {"pattern_ok": None, "mask_change_vs_start": None}
-    if levels is not None:
-        bad = [f"{n} ({lv})" for n, lv in levels.items() if not is_nm(final.masks[f"{n}.weight"], lv)]
-        if bad:
-            raise SparsityPatternError(f"the final masks break their plan's N:M in {len(bad)} layers, e.g. {bad[0]}")
-        sparsity = next(iter(levels.values()))  # every level is N:M: pattern_ok below is True
-    elif isinstance(sparsity, NM):
-        bad = [n for n, m in final.masks.items() if not is_nm(m, sparsity)]
-        if bad:
-            raise SparsityPatternError(f"the final masks break the {sparsity} pattern in {len(bad)} layers, e.g. {bad[0]}")
-    changed = total = 0
+    checks = MaskChecks(sparsity, levels, history.start_masks)
     for name, mask in final.masks.items():
-        if history.start_masks is not None and name in history.start_masks:
-            changed += int((unpack_bits(history.start_masks[name], mask.shape[-1]) != mask).sum())
-        total += mask.numel()
-    kept = sum(int(m.sum()) for m in final.masks.values())
-    change = changed / max(total, 1) if history.start_masks is not None else None
-    return {"pattern_ok": True if isinstance(sparsity, NM) else None, "density": kept / max(total, 1),
-            "mask_change_vs_start": change}
+        checks.add(name, mask)
+    return checks.result()
 
 
 def _plots(out: Path, history: History, kind: str) -> list[str]:

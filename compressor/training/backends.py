@@ -4,11 +4,14 @@ The loop only calls ``backward``, ``step``, ``all_mean``, ``gathered`` and the c
 same loop serves every backend. DeepSpeed gets our own torch AdamW (a "client optimizer"), which avoids
 its C++ Adam build and keeps single-process and DeepSpeed numerics the same.
 
-ZeRO-3 partitions every parameter, frozen weights and mask logits alike: ``deepspeed.initialize``
-partitions the model after the masks are attached, and its module hooks gather a layer's
-``parametrizations.weight.original`` and ``logits`` when the linear reads ``self.weight`` (the
+ZeRO-3 partitions every parameter, frozen weights and mask logits alike, and its module hooks gather a
+layer's ``parametrizations.weight.original`` and ``logits`` when the linear reads ``self.weight`` (the
 parametrization runs as a submodule call). Whatever reads them outside a forward goes through
-``Backend.gathered``.
+``Backend.gathered``. With ``deepspeed.zero3_partitioned_load`` (the default) the model and the masks are
+built inside ``Backend.model_init`` (``deepspeed.zero.Init``: each module's parameters are partitioned as
+soon as it is constructed) and filled one parameter at a time (``compressor.training.zero3``), so no rank
+ever holds the whole model; without it, every rank loads the whole model and ``deepspeed.initialize``
+partitions it after the masks are attached (the path before issue 19).
 """
 
 from __future__ import annotations
@@ -37,9 +40,14 @@ class DeepSpeedConfig(StrictModel):
     zero3_prefetch_bucket_size: Optional[NonNegativeInt] = None
     zero3_max_live_parameters: Optional[NonNegativeInt] = None
     zero3_max_reuse_distance: Optional[NonNegativeInt] = None
+    # ZeRO-3: build the model and masks partitioned and load the weights one parameter at a time (peak
+    # memory per rank: its partitions plus one whole parameter); False: every rank loads the whole model
+    # first and deepspeed.initialize partitions it (also the prior, checkpoints and outputs then go through
+    # whole-model copies, as before issue 19)
+    zero3_partitioned_load: bool = True
 
-    def engine_config(self, micro_batch: int, grad_accum: int) -> dict[str, Any]:
-        """The DeepSpeed config dict for these settings."""
+    def zero_config(self) -> dict[str, Any]:
+        """The ``zero_optimization`` section of the DeepSpeed config."""
         zero: dict[str, Any] = {"stage": self.zero_stage}
         if self.zero_stage == 3:
             zero["stage3_param_persistence_threshold"] = self.zero3_persistence_threshold
@@ -47,10 +55,14 @@ class DeepSpeedConfig(StrictModel):
                 value = getattr(self, f"zero3_{key}")
                 if value is not None:
                     zero[f"stage3_{key}"] = value
+        return zero
+
+    def engine_config(self, micro_batch: int, grad_accum: int) -> dict[str, Any]:
+        """The DeepSpeed config dict for these settings."""
         return {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": grad_accum,
-            "zero_optimization": zero,
+            "zero_optimization": self.zero_config(),
             "gradient_clipping": 0.0,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
@@ -62,6 +74,8 @@ class Backend(ABC):
     world_size: int = 1
     # ZeRO-3: each rank holds a slice of every parameter, so gathers and forward passes are collective
     partitioned: bool = False
+    # ZeRO-3 from construction on (``model_init``): nothing whole-model-sized is ever built on a rank
+    partitioned_load: bool = False
 
     @abstractmethod
     def setup(self, model: torch.nn.Module, param_groups: list[dict], grad_accum: int, micro_batch: int) -> None: ...
@@ -91,6 +105,16 @@ class Backend(ABC):
 
     def close(self) -> None:
         pass
+
+    @contextmanager
+    def model_init(self, dtype: torch.dtype = torch.float32) -> Iterator[None]:
+        """Modules constructed in the block get their floating parameters in ``dtype``, partitioned as each
+        module is built when ``partitioned_load``; a no-op otherwise (then nothing changes dtype either)."""
+        yield
+
+    def full_shape(self, param: torch.Tensor) -> torch.Size:
+        """The shape of the whole parameter (a partitioned one is an empty placeholder locally)."""
+        return param.shape
 
     @contextmanager
     def gathered(self, params: Iterable[torch.Tensor], write: bool = False) -> Iterator[None]:
@@ -143,6 +167,28 @@ class DeepSpeedBackend(Backend):
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.partitioned = cfg.zero_stage == 3
+        self.partitioned_load = self.partitioned and cfg.zero3_partitioned_load
+
+    @contextmanager
+    def model_init(self, dtype: torch.dtype = torch.float32) -> Iterator[None]:
+        if not self.partitioned_load:
+            yield
+            return
+        import deepspeed
+
+        # the dtype goes in as the config's bf16 / fp16 section, never as zero.Init's dtype argument: with a
+        # config, 0.19.8 reads ``dtype or float16 if fp16 is supported else bfloat16 ...`` and so makes
+        # every parameter bf16 on a CPU whatever dtype is given; the batch size only makes the config valid
+        config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": self.cfg.zero_config()}
+        if dtype in (torch.bfloat16, torch.float16):
+            config["bf16" if dtype == torch.bfloat16 else "fp16"] = {"enabled": True}
+        elif dtype != torch.float32:
+            raise ValueError(f"ZeRO-3 builds parameters in float32, bfloat16 or float16, not {dtype}")
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            yield
+
+    def full_shape(self, param: torch.Tensor) -> torch.Size:
+        return getattr(param, "ds_shape", param.shape)
 
     def setup(self, model, param_groups, grad_accum, micro_batch) -> None:
         import deepspeed

@@ -60,14 +60,19 @@ def save_checkpoint(
     per_rank: dict[str, Any],
     barrier: Callable[[], None] = lambda: None,
     keep: int = 2,
+    write_files: Optional[Callable[[Path], None]] = None,
 ) -> Path:
-    """Every rank calls this; ``shared`` (rank 0 only) holds what all ranks have in common."""
+    """Every rank calls this; ``shared`` (rank 0 only) holds what all ranks have in common.
+    ``write_files(folder)`` (every rank; it may gather collectively) adds files of its own before the
+    checkpoint is marked complete."""
     root = Path(root)
     folder = step_dir(root, step)
     folder.mkdir(parents=True, exist_ok=True)
     save_tree(folder / f"rank{rank:05d}", per_rank)
     if rank == 0:
         save_tree(folder / "shared", shared)
+    if write_files is not None:
+        write_files(folder)
     barrier()
     if rank == 0:
         atomic_write_json(folder / COMPLETE, {"step": step})

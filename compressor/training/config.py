@@ -183,3 +183,21 @@ class LearnConfig(MaskLearningConfig):
                              "the default) is drawn outside the model's forward, where they are not gathered; "
                              "set maskllm.sample_every: micro_batch, or use zero_stage 1 or 2")
         return self
+
+    @model_validator(mode="after")
+    def _zero3_partitioned_load(self) -> "LearnConfig":
+        # The partitioned load builds every parameter in model.dtype and never holds a second model: frozen
+        # weights held in bf16 beside float32 logits, and a whole teacher on every rank, do not fit that.
+        ds = self.deepspeed
+        if not (self.backend == "deepspeed" and ds.zero_stage == 3 and ds.zero3_partitioned_load):
+            return self
+        if self.precision.compute == "bfloat16" and not self.maskllm.train_weights:
+            raise ValueError("precision.compute bfloat16 keeps the frozen weights in bf16, which the partitioned "
+                             "ZeRO-3 load (deepspeed.zero3_partitioned_load, the default) does not do yet; set "
+                             "deepspeed.zero3_partitioned_load: false (every rank loads the whole model first) or "
+                             "precision.compute: float32")
+        if self.distill.weight > 0:
+            raise ValueError("distill needs the teacher whole on every rank, which the partitioned ZeRO-3 load "
+                             "(deepspeed.zero3_partitioned_load, the default) avoids; set "
+                             "deepspeed.zero3_partitioned_load: false or distill.weight: 0")
+        return self

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from compressor.errors import NonFiniteError
 from compressor.precision import Precision
-from compressor.sparsity import pack_bits
 from compressor.training.backends import Backend
 from compressor.training.checkpoint import (
     latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
@@ -81,14 +80,14 @@ def train(
     if found is not None:
         start, shared, mine = load_checkpoint(found, backend.rank)
         learner.load_state(shared, mine, backend)
+        learner.load_streamed(found, backend)
         backend.load_optimizer_state(mine["optimizer"])
         stream.load_state_dict(mine["stream"])
         set_rng_state(mine["rng"])
         history = History(**shared["history"], start_masks=shared.get("start_masks"))
         log.info("resumed from %s at step %d", found, start)
     else:
-        masks = learner.hard_masks(backend)
-        history.start_masks = None if masks is None else {n: pack_bits(m) for n, m in masks.items()}
+        history.start_masks = learner.packed_hard_masks(backend)
     tokens_per_step = tokens_per_step or tcfg.micro_batch_size * tcfg.grad_accum * tcfg.seq_len * backend.world_size
     learner.start(backend)
     if evaluate is not None and tcfg.eval_every and start == 0:  # the starting point of the curve
@@ -171,4 +170,5 @@ def _save(root: Path, step: int, learner: Learner, backend: Backend, stream, his
             shared["start_masks"] = history.start_masks
     mine = {"optimizer": backend.optimizer_state(), "stream": stream.state_dict(), "rng": rng_state(),
             **learner.rank_state()}
-    save_checkpoint(root, step, backend.rank, shared, mine, backend.barrier, keep)
+    save_checkpoint(root, step, backend.rank, shared, mine, backend.barrier, keep,
+                    write_files=lambda folder: learner.save_streamed(folder, backend))

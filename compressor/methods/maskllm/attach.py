@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Mapping, Optional, Union
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Iterable, Mapping, Optional, Protocol, Union
 
 import torch
 from torch import nn
@@ -36,49 +37,96 @@ def _prior_for(priors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
                      f"given keys look like: {sample or 'none'})")
 
 
+class Sharding(Protocol):
+    """Where parameters live between uses: whole on this process (``WHOLE``), or partitioned across ranks
+    (``compressor.training.backends.Backend`` under ZeRO-3), gathered one layer at a time when read."""
+
+    def model_init(self, dtype: torch.dtype = torch.float32) -> ContextManager[None]: ...
+
+    def full_shape(self, param: torch.Tensor) -> torch.Size: ...
+
+    def gathered(self, params: Iterable[torch.Tensor], write: bool = False) -> ContextManager[None]: ...
+
+
+class _Whole:
+    def model_init(self, dtype: torch.dtype = torch.float32) -> ContextManager[None]:
+        return nullcontext()
+
+    def full_shape(self, param: torch.Tensor) -> torch.Size:
+        return param.shape
+
+    def gathered(self, params: Iterable[torch.Tensor], write: bool = False) -> ContextManager[None]:
+        return nullcontext()
+
+
+WHOLE: Sharding = _Whole()
+# A prior: masks by module (or weight) name, or a function of a layer's name and its (gathered) weight
+Prior = Union[Mapping[str, torch.Tensor], Callable[[str, torch.Tensor], torch.Tensor]]
+# Called for each layer while its weight and logits are whole (e.g. transfer logits, statistics)
+LayerHook = Callable[[str, NMMaskParametrization, torch.Tensor], None]
+
+
 def attach_masks(
     model: nn.Module,
     names: list[str],
     cfg: MaskLLMConfig,
-    priors: Optional[Mapping[str, torch.Tensor]] = None,
+    priors: Optional[Prior] = None,
     seed: int = 0,
     levels: Optional[Mapping[str, NM]] = None,
+    sharding: Sharding = WHOLE,
+    on_layer: Optional[LayerHook] = None,
 ) -> Masks:
     """Mask the ``weight`` (out, in) of each named module, e.g. "model.layers.0.mlp.down_proj".
 
     Every model parameter is frozen except the new logits; with ``cfg.train_weights`` the masked
     weights train too. ``priors`` maps module (or "<module>.weight") names to (out, in) masks that
-    initialise the logits with ``cfg.prior_strength``. All layers are checked before any is changed.
+    initialise the logits with ``cfg.prior_strength`` (or is a function of the name and the weight that
+    returns that mask). All layers are checked before any is changed.
     Masks start in eval (hard) mode; ``mask_train(masks, True)`` or ``model.train()`` makes them soft.
     ``levels``: each module's own N:M (a mixed sparsity plan); default ``cfg.sparsity`` for all.
+    ``sharding``: partitioned weights (ZeRO-3) get partitioned logits, made under its ``model_init``, and
+    each layer's prior, hook and registration run with its weight and logits gathered, one layer at a time.
     """
     if not names:
         raise ValueError("attach_masks: no layer names given; list the linears to mask")
     if len(set(names)) != len(names):
         raise ValueError(f"attach_masks: duplicate layer names in {names}")
-    masks: Masks = {}
+    shapes: dict[str, torch.Size] = {}
     for name in names:
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"attach_masks: the model has no module {name!r}") from None
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = sharding.full_shape(weight) if isinstance(weight, torch.Tensor) else None
+        if shape is None or len(shape) != 2:
             raise ValueError(f"attach_masks: {name} has no 2-D weight (out, in) to mask ({type(module).__name__})")
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(f"attach_masks: {name}.weight is already parametrized; call remove_masks(model) first")
-        mask = NMMaskParametrization(
-            weight.shape[0], weight.shape[1], levels[name] if levels is not None else cfg.sparsity, init_std=cfg.init_std, dtype=DTYPES[cfg.logits_dtype],
-            seed=layer_seed(seed, name), name=name, device=weight.device,
-        )
-        if priors is not None:
-            mask.init_from_prior(_prior_for(priors, name), cfg.prior_strength)
-        masks[name] = mask
+        shapes[name] = shape
+    masks: Masks = {}
+    with sharding.model_init(DTYPES[cfg.logits_dtype]):  # partitioned logits: each partitioned once it is made
+        for name in names:
+            device = model.get_submodule(name).weight.device
+            masks[name] = NMMaskParametrization(
+                shapes[name][0], shapes[name][1], levels[name] if levels is not None else cfg.sparsity,
+                init_std=cfg.init_std, dtype=DTYPES[cfg.logits_dtype], seed=layer_seed(seed, name), name=name,
+                device=device)
+    if isinstance(priors, Mapping):  # checked before any layer changes
+        for name, mask in masks.items():
+            mask.check_prior(_prior_for(priors, name))
     for p in model.parameters():
         p.requires_grad_(False)
     for name, mask in masks.items():
         module = model.get_submodule(name)
-        parametrize.register_parametrization(module, "weight", mask)  # draws no noise
+        weight = module.weight
+        with sharding.gathered([weight, mask.logits], write=True):
+            if priors is not None:
+                prior = _prior_for(priors, name) if isinstance(priors, Mapping) else priors(name, weight.detach())
+                mask.init_from_prior(prior, cfg.prior_strength)
+            if on_layer is not None:
+                on_layer(name, mask, weight)
+            parametrize.register_parametrization(module, "weight", mask)  # draws no noise
         mask.train(False)  # registration copied the host's mode; start hard whatever the model's mode
         module.parametrizations.weight.original.requires_grad_(cfg.train_weights)
     return masks
@@ -93,11 +141,17 @@ def prior_agreement(masks: Masks, priors: Mapping[str, torch.Tensor]) -> float:
     """
     same = total = 0
     for name, m in masks.items():
-        prior = _prior_for(priors, name).to(m.logits.device).bool().reshape(m.shape[0], -1, m.nm.m)  # (out, G, M)
-        hard = m.hard_mask().reshape(prior.shape)
-        same += int((hard == prior).all(dim=-1).sum())
-        total += prior.shape[0] * prior.shape[1]
+        kept, groups = layer_agreement(m, _prior_for(priors, name))
+        same, total = same + kept, total + groups
     return same / max(total, 1)
+
+
+@torch.no_grad()
+def layer_agreement(m: NMMaskParametrization, prior: torch.Tensor) -> tuple[int, int]:
+    """(groups whose argmax pattern is the prior's, groups) of one mask (its logits whole)."""
+    prior = prior.to(m.logits.device).bool().reshape(m.shape[0], -1, m.nm.m)  # (out, G, M)
+    hard = m.hard_mask().reshape(prior.shape)
+    return int((hard == prior).all(dim=-1).sum()), prior.shape[0] * prior.shape[1]
 
 
 def set_schedule_state(masks: Masks, tau: float, kappa: float) -> None:
@@ -232,7 +286,9 @@ def mask_memory_bytes(masks: Masks, optimizer: str = "adamw") -> dict[str, float
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZER_STATES)}")
     weights = sum(m.shape[0] * m.shape[1] for m in masks.values())
-    logits = sum(m.logits.numel() * m.logits.element_size() for m in masks.values())
+    # from the shapes, not the tensors: a partitioned (ZeRO-3) logits tensor is empty on this rank
+    logits = sum(m.shape[0] * (m.shape[1] // m.nm.m) * m.patterns.shape[0] * m.logits.element_size()
+                 for m in masks.values())
     per = logits / max(weights, 1)
     state = OPTIMIZER_STATES[optimizer] * per
     return {"logits": per, "gradient": per, "optimizer_state": state, "total": 2 * per + state,

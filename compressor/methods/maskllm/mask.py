@@ -178,14 +178,19 @@ class NMMaskParametrization(nn.Module):
         """
         if not strength >= 0:
             raise ValueError(f"{self.name}: prior strength must be >= 0, got {strength}")
-        self._check_shape(prior, self.shape, "prior mask")
-        prior = prior.to(self.logits.device) != 0
-        assert_nm(prior, self.nm, f"{self.name}: prior mask")
+        prior = self.check_prior(prior)
         if strength == 0:
             return
         offsets = prior_offsets(prior, self.patterns, self.nm.n)  # (out, G, C)
         logits = self.logits.float()
         self.logits.copy_((logits + strength * logits.std() * offsets).to(self.logits.dtype))
+
+    def check_prior(self, prior: torch.Tensor) -> torch.Tensor:
+        """``prior`` as a bool mask on the logits' device, checked: this layer's shape, at most N per group."""
+        self._check_shape(prior, self.shape, "prior mask")
+        prior = prior.to(self.patterns.device) != 0
+        assert_nm(prior, self.nm, f"{self.name}: prior mask")
+        return prior
 
     @torch.no_grad()
     def load_logits(self, logits: torch.Tensor, what: str = "logits") -> None:

@@ -42,6 +42,10 @@ class FinalModel:
     state_dict: Optional[dict[str, torch.Tensor]] = None
     # further outputs: {report key: (file name, writer(path))}, e.g. MaskLLM's logits.safetensors
     files: dict[str, tuple[str, Callable[[Path], None]]] = field(default_factory=dict)
+    # ZeRO-3 with a partitioned load: nothing above is assembled; instead ``by_layer(out, **options)`` (every
+    # rank calls it) writes model/, the masks and the method's files one layer at a time and returns the
+    # report's mask checks (``compressor.training.zero3.write_outputs_by_layer``)
+    by_layer: Optional[Callable[..., dict[str, Any]]] = None
 
 
 class Learner(ABC):
@@ -53,9 +57,10 @@ class Learner(ABC):
 
     # -- attach -----------------------------------------------------------------------------------
     @abstractmethod
-    def attach(self, model: nn.Module, names: list[str]) -> list[dict]:
+    def attach(self, model: nn.Module, names: list[str], backend: Optional[Backend] = None) -> list[dict]:
         """Make the named linears (module names) train the method's way, freeze every other parameter,
-        and return the optimizer's parameter groups."""
+        and return the optimizer's parameter groups. ``backend``: where the parameters live (a ZeRO-3 backend
+        with ``partitioned_load`` hands over a partitioned model)."""
 
     def backward_calls(self, grad_accum: int) -> int:
         """Backward calls through the backend per optimizer step (its gradient accumulation)."""
@@ -101,6 +106,13 @@ class Learner(ABC):
         """{weight name: bool mask} of the current hard masks on rank 0 ({} elsewhere; every rank takes
         part), or None for a method without masks."""
 
+    def packed_hard_masks(self, backend: Backend) -> Optional[dict[str, torch.Tensor]]:
+        """``hard_masks`` packed to bits (``compressor.sparsity.pack_bits``): what the loop keeps of step 0."""
+        from compressor.sparsity import pack_bits
+
+        masks = self.hard_masks(backend)
+        return None if masks is None else {n: pack_bits(m) for n, m in masks.items()}
+
     # -- checkpoints --------------------------------------------------------------------------------
     @abstractmethod
     def state(self, backend: Backend) -> dict[str, Any]:
@@ -112,6 +124,13 @@ class Learner(ABC):
 
     @abstractmethod
     def load_state(self, shared: dict[str, Any], mine: dict[str, Any], backend: Backend) -> None: ...
+
+    def save_streamed(self, folder: Path, backend: Backend) -> None:
+        """Write state too large to assemble on one rank into files of the checkpoint ``folder``, a layer
+        at a time (every rank calls it; rank 0 writes). Nothing by default."""
+
+    def load_streamed(self, folder: Path, backend: Backend) -> None:
+        """Read back what ``save_streamed`` wrote (after ``load_state``)."""
 
     # -- the end ------------------------------------------------------------------------------------
     @abstractmethod

@@ -56,7 +56,7 @@ class WeightLearner(Learner):
         return layer.hard_mask() if isinstance(layer, BDWPLinear) else layer.hard_mask(self.weights[name])
 
     # -- the interface ------------------------------------------------------------------------------
-    def attach(self, model: nn.Module, names: list[str]) -> list[dict]:
+    def attach(self, model: nn.Module, names: list[str], backend: Optional[Backend] = None) -> list[dict]:
         self.model = model
         for name in names:
             linear = model.get_submodule(name)
