@@ -222,6 +222,7 @@ def prune_sequential(
             captured = capture_block_inputs(model, arch, windows, plan.batch_size)
         pruned_in = captured if needs != "none" else None
         dense_in = (captured.clone() if pruned_in is not None else captured) if plan.layer_error else None
+        del captured  # or block 0's inputs stay alive to the end: one more activation stream
     if on_inputs_captured is not None:
         on_inputs_captured()
 
@@ -244,8 +245,10 @@ def prune_sequential(
             stats: dict[str, InputStats] = {}
             if pruned_in is not None:
                 with timer.phase("calibrate"):
-                    stats, _ = collect_block_stats(block, pruned_in, groups, needs, f"{arch.blocks}.{k}",
-                                                   precision=plan.precision)
+                    # [0]: the outputs are not kept (a name holding them would keep a stream alive
+                    # through the propagation pass below)
+                    stats = collect_block_stats(block, pruned_in, groups, needs, f"{arch.blocks}.{k}",
+                                                precision=plan.precision)[0]
             with timer.phase("solve"):
                 results = _solve_block(block, block_targets, stats, plan, executor)
             with timer.phase("checkpoint"):
