@@ -5,9 +5,17 @@ A pure calculation over ``ModelDims`` (``memory_plan``'s one shape table: the sa
 holds at its worst moment, phase by phase, and reports the largest phase; every term is bytes.
 
 **Process baseline** ``B``: Python, torch, transformers, pydantic, tokenizers and a loaded tokenizer,
-allocator arenas: the peak RSS of a run on the tiny random model minus that run's (negligible)
-predicted terms. Measured on this machine (2026-12-03, torch 2.13 CPU, transformers 5.23): see
-``PRUNE_BASELINE`` and ``LEARN_BASELINE``; `python bench/scale.py --smoke` measures it again.
+allocator arenas: the peak RSS of a run on the tiny random model minus that run's (a few MB of)
+predicted terms. Measured on this machine (2026-12-03, torch 2.13 CPU, transformers 5.23, SmolLM2's
+tokenizer): 441 MiB for `compressor prune`, 440 MiB for `compressor learn` (``PRUNE_BASELINE``,
+``LEARN_BASELINE``); `python bench/scale.py --smoke` measures them again.
+
+**Allocator**: the terms count live tensors. glibc's malloc raises its mmap threshold (up to 32 MiB)
+whenever a mapped block is freed, after which freed blocks below it stay in the heap: a peak RSS then
+also measures the heap's history, by a varying amount (one 96-window prune of a random hidden-512
+model: 1234 MiB, against 860 MiB with a fixed threshold). The figures are checked with
+``MALLOC_MMAP_THRESHOLD_=1048576`` (a fixed threshold: every block of 1 MiB or more mapped on its own
+and returned when freed), as ``bench/scale.py`` runs every step.
 
 **prune** (``compressor.pipelines.sequential`` with the in-process executor; ``model.lazy: true`` reads
 one decoder block at a time, ``compressor.runs.prune.LazyWalk``). With h hidden, I intermediate, N
@@ -18,7 +26,8 @@ windows of one forward batch:
   capture pass; released after it) -- not lazy, the whole model;
 - activation streams: N x T x h x a each. The pruned stream (statistics) and, with ``layer_error``,
   the dense stream (the inputs each layer sees in the dense model); a block pass builds its outputs
-  while its inputs are alive, so calibration holds streams + 1. The rotary tables captured with the
+  while its inputs are alive, so calibration holds streams + 1 (measured: the pipeline used to keep
+  block 0's inputs and the discarded outputs of a statistics pass referenced, two streams more). The rotary tables captured with the
   inputs, cos and sin per batch: 2 x N / b x T x head_dim x a, shared by the streams;
 - statistics: a float64 Gram matrix per input group (q/k/v, o, gate/up: h^2; down: I^2) x 8 B, for
   the pruned stream (SparseGPT, SparseSwaps) and for the dense stream (layer error): at most one set
@@ -76,8 +85,8 @@ from compressor.parallel.memory_plan import GIB, PRESETS, ModelDims, dims_for_so
 
 # Measured process baselines (see the module docstring): peak RSS of `compressor prune` / `learn` on the
 # tiny random model (tests/factories.py), whose model terms are a few MB. 2026-12-03, this machine.
-PRUNE_BASELINE = 600 * 2**20
-LEARN_BASELINE = 650 * 2**20
+PRUNE_BASELINE = 441 * 2**20  # `python bench/scale.py --smoke`: 440.6 MiB
+LEARN_BASELINE = 440 * 2**20  # the same run's learn step: 440.1 MiB
 
 F64, F32 = 8, 4
 
