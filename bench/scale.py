@@ -201,6 +201,7 @@ def plot(rows: list[dict[str, Any]], fitted: dict[str, Any], path: Path) -> None
             for label, (_, params) in EXTRAPOLATE.items():
                 ax.loglog([params], [c * params**k], "s", mfc="none", color="C2")
                 ax.annotate(label, (params, c * params**k), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        ax.set_xlim(5e7, 3e10)  # out to the 7B and 15B marks
         ax.set_xlabel("parameters")
         ax.set_title(COSTS[key])
         ax.grid(alpha=0.3, which="both")
