@@ -27,8 +27,9 @@ windows of one forward batch:
 - activation streams: N x T x h x a each. The pruned stream (statistics) and, with ``layer_error``,
   the dense stream (the inputs each layer sees in the dense model); a block pass builds its outputs
   while its inputs are alive, so calibration holds streams + 1 (measured: the pipeline used to keep
-  block 0's inputs and the discarded outputs of a statistics pass referenced, two streams more). The rotary tables captured with the
-  inputs, cos and sin per batch: 2 x N / b x T x head_dim x a, shared by the streams;
+  block 0's inputs and the discarded outputs of a statistics pass referenced, two streams more). The
+  rotary tables captured with the inputs, cos and sin per batch: 2 x N / b x T x head_dim x a, shared
+  by the streams;
 - statistics: a float64 Gram matrix per input group (q/k/v, o, gate/up: h^2; down: I^2) x 8 B, for
   the pruned stream (SparseGPT, SparseSwaps) and for the dense stream (layer error): at most one set
   of each is alive at a time (Wanda's column norms are negligible). Adding a batch costs its float32
