@@ -66,6 +66,13 @@ costs one more copy of the block.
   over for a moment; this, not the training step, is the peak of a MaskLLM run on a model whose
   activations are small next to its logits.
 
+Checked so far (2026-12-03, fixed mmap threshold, a machine shared with another benchmark): a random
+hidden-512 model's lazy prune, 16 / 64 windows x 256: 705 / 774 MiB measured, 649 / 722 predicted;
+SmolLM2-135M, 8 windows (before the two-stream fix of the pipeline): prune 0.81 GiB measured, 0.67
+predicted (0.83, outside 15%); MaskLLM 3 steps of 1 x 512: 5.27 GiB, 5.80 predicted (1.10).
+Qwen2.5-Coder-0.5B, 4 windows: prune 2.52 GiB measured, 1.35 predicted (0.54): about 1.1 GiB,
+the size of its untied embedding plus LM head (2 x 0.51 GiB), is not accounted for yet.
+
 Not counted: the Python objects of reports and layer lists, fragmentation beyond the baseline's,
 page cache (file pages mapped by safetensors while a tensor is read count as RSS only during the
 read: ``compressor.models.lazy.WeightStore`` closes its files after each block).
