@@ -50,7 +50,7 @@ class InputStats:
             x = x if x.dtype == torch.float64 else x.to(self.product_dtype)
             # Hooks fire inside the block's autocast region, which would turn a float32 product into bf16.
             with torch.autocast(x.device.type, enabled=False):
-                self.gram += (x.T @ x).to(torch.float64)
+                self.gram.add_(x.T @ x)  # summed in float64 without a float64 copy of the product
         else:
             x = x if x.dtype == torch.float64 else x.float()
             self.col_sq += (x * x).sum(dim=0).to(torch.float64)

@@ -26,7 +26,12 @@ def read_weight_map(index: Path) -> dict[str, str]:
 
 
 class WeightStore:
-    """Name -> tensor access over ``model.safetensors`` or a sharded ``model.safetensors.index.json``."""
+    """Name -> tensor access over ``model.safetensors`` or a sharded ``model.safetensors.index.json``.
+
+    safetensors memory-maps the files it reads, and every page a read touched counts in the process's
+    RSS for as long as the file stays open: a walk over a model larger than memory calls ``close`` after
+    each block, or its RSS grows to the size of the files read.
+    """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -67,6 +72,10 @@ class WeightStore:
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, from the file's header (no data read)."""
         return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def close(self) -> None:
+        """Unmap the open files (the next ``get`` opens them again)."""
+        self._handles.clear()
 
 
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:

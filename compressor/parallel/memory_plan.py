@@ -24,6 +24,9 @@ A pure calculation, per pipeline stage (every TP rank of a stage holds the same 
   The last stage also holds the cross-entropy's logits: (a + 4 + 4) bytes x vocab / t per token
   (the output layer's logits, their float32 copy and the saved float32 softmax).
 
+Single-process runs (a lazy `compressor prune`, `compressor learn`) are predicted by the sibling module
+``compressor.parallel.process_memory`` over the same ``ModelDims`` and presets.
+
 Not counted: CUDA context and NCCL buffers (~1-2 GiB per GPU), allocator fragmentation, p2p buffers. Keep
 10-15 % headroom.
 

@@ -41,7 +41,7 @@ from compressor.models.arch import DecoderArch
 from compressor.models.layers import LinearTarget, by_block, decoder_blocks, prunable_linears
 from compressor.pipelines.block_store import BlockStore
 from compressor.precision import Precision
-from compressor.sparsity import NM, SparsityTarget, assert_nm
+from compressor.sparsity import NM, PackedMasks, SparsityTarget, assert_nm
 from compressor.utils.logging import get_logger
 from compressor.utils.timing import PhaseTimer
 
@@ -88,7 +88,7 @@ class LayerReport:
 
 @dataclass
 class OneShotOutcome:
-    masks: dict[str, torch.Tensor]  # weight name -> bool mask
+    masks: Mapping[str, torch.Tensor]  # weight name -> bool mask (held packed, unpacked on access)
     layers: list[LayerReport]
     timer: PhaseTimer
     resumed_blocks: int = 0
@@ -199,11 +199,13 @@ def prune_sequential(
     timer: Optional[PhaseTimer] = None,
     on_block_done: Optional[Callable[[int], None]] = None,
     on_block_start: Optional[Callable[[int], None]] = None,
+    on_inputs_captured: Optional[Callable[[], None]] = None,
 ) -> OneShotOutcome:
     """Prune every target linear of ``model`` block by block (see the module docstring).
 
     ``on_block_start`` / ``on_block_done`` let a caller load a block's weights just in time and write
-    and release them afterwards, so a model larger than memory can be walked.
+    and release them afterwards, so a model larger than memory can be walked; ``on_inputs_captured``
+    says that the embedding part (before block 0) will not run again.
     """
     timer = timer or PhaseTimer()
     targets = prunable_linears(model, arch, plan.targets, plan.ignore)
@@ -220,8 +222,11 @@ def prune_sequential(
             captured = capture_block_inputs(model, arch, windows, plan.batch_size)
         pruned_in = captured if needs != "none" else None
         dense_in = (captured.clone() if pruned_in is not None else captured) if plan.layer_error else None
+        del captured  # or block 0's inputs stay alive to the end: one more activation stream
+    if on_inputs_captured is not None:
+        on_inputs_captured()
 
-    masks: dict[str, torch.Tensor] = {}
+    masks = PackedMasks()
     reports: list[LayerReport] = []
     resumed = 0
     for k in tqdm(range(len(blocks)), desc=plan.describe(), unit="block"):
@@ -240,8 +245,10 @@ def prune_sequential(
             stats: dict[str, InputStats] = {}
             if pruned_in is not None:
                 with timer.phase("calibrate"):
-                    stats, _ = collect_block_stats(block, pruned_in, groups, needs, f"{arch.blocks}.{k}",
-                                                   precision=plan.precision)
+                    # [0]: the outputs are not kept (a name holding them would keep a stream alive
+                    # through the propagation pass below)
+                    stats = collect_block_stats(block, pruned_in, groups, needs, f"{arch.blocks}.{k}",
+                                                precision=plan.precision)[0]
             with timer.phase("solve"):
                 results = _solve_block(block, block_targets, stats, plan, executor)
             with timer.phase("checkpoint"):

@@ -88,25 +88,39 @@ class PruneConfig(StrictModel):
 
 
 class LazyWalk:
-    """Weights read one decoder block at a time, written to the output as soon as the block is done."""
+    """Weights read one decoder block at a time, written to the output as soon as the block is done.
+
+    Resident are one block and, until block 0's inputs are captured, the embedding: the final norm and
+    the LM head are never read by pruning, and ``finish`` copies the unchanged outer tensors from the
+    source folder one at a time. The source files are closed after each read (``WeightStore.close``).
+    """
 
     def __init__(self, loaded, model_dir: Path, dtype: torch.dtype) -> None:
         from compressor.checkpoints.streaming import StreamingHFWriter
-        from compressor.models.lazy import WeightStore, materialize_outer
+        from compressor.models.lazy import WeightStore, materialize, rebuild_rotary
 
         self.loaded, self.dtype = loaded, dtype
         self.store = WeightStore(loaded.folder)
-        materialize_outer(loaded.model, loaded.arch, self.store, dtype)
+        embed = loaded.arch.embed_tokens
+        materialize(loaded.model.get_submodule(embed), embed, self.store, dtype)
+        self.store.close()
+        rebuild_rotary(loaded.model, loaded.arch)
         self.writer = StreamingHFWriter(model_dir)
 
     def _block(self, k: int):
         return decoder_blocks(self.loaded.model, self.loaded.arch)[k], block_prefix(self.loaded.arch, k)
+
+    def inputs_captured(self) -> None:
+        from compressor.models.lazy import release
+
+        release(self.loaded.model.get_submodule(self.loaded.arch.embed_tokens))
 
     def load_block(self, k: int) -> None:
         from compressor.models.lazy import materialize
 
         block, prefix = self._block(k)
         materialize(block, prefix, self.store, self.dtype)
+        self.store.close()
         assert_finite_weights(block, prefix)
 
     def save_block(self, k: int) -> None:
@@ -118,10 +132,13 @@ class LazyWalk:
 
     def finish(self) -> None:
         model, arch = self.loaded.model, self.loaded.arch
-        outer = {n: t for n, t in model.state_dict().items() if not n.startswith(f"{arch.blocks}.")}
-        if getattr(model.config, "tie_word_embeddings", False):
-            outer.pop(f"{arch.lm_head}.weight", None)
-        self.writer.write("outer", outer)
+        names = [n for n in model.state_dict() if not n.startswith(f"{arch.blocks}.")]
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        if tied:
+            names = [n for n in names if n != f"{arch.lm_head}.weight"]
+        for i, name in enumerate(names):  # one tensor at a time: an LM head can be a large part of the model
+            self.writer.write(f"outer-{i:03d}", {name: self.store.get(name, self.dtype)})
+            self.store.close()
         self.writer.finish(model.config, self.loaded.tokenizer, getattr(model, "generation_config", None), replace=True)
 
 
@@ -188,7 +205,8 @@ def _prune(cfg: PruneConfig, out: Path) -> dict[str, Any]:
     with make_executor(cfg.executor) as executor:
         outcome = prune_sequential(model, loaded.arch, windows, plan, executor, BlockStore(work), timer,
                                    on_block_start=lazy.load_block if lazy else None,
-                                   on_block_done=lazy.save_block if lazy else None)
+                                   on_block_done=lazy.save_block if lazy else None,
+                                   on_inputs_captured=lazy.inputs_captured if lazy else None)
         report["executor"] = executor.describe()  # where the jobs ran (Ray: tasks per node)
     if outcome.resumed_blocks:
         log.info("resumed: %d finished blocks loaded from %s", outcome.resumed_blocks, work)

@@ -6,6 +6,8 @@ Byte b of a row holds elements 8b .. 8b+7, element 8b+j in bit j; the same layou
 
 from __future__ import annotations
 
+from typing import Iterator, Mapping
+
 import torch
 
 _BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.int16)
@@ -31,3 +33,27 @@ def unpack_bits(packed: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"{packed.shape[-1]} bytes per row cannot hold a row of {k} bits")
     bits = (packed.unsqueeze(-1).to(torch.int16) & _BIT_WEIGHTS.to(packed.device)) != 0
     return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)[..., :k]
+
+
+class PackedMasks(Mapping[str, torch.Tensor]):
+    """Bool masks by name, held packed (a bit per weight instead of a byte) and unpacked on access: what a
+    pipeline keeps of every layer it has pruned, which for a whole model is an eighth of its bool masks."""
+
+    def __init__(self) -> None:
+        self._packed: dict[str, torch.Tensor] = {}
+        self._width: dict[str, int] = {}
+
+    def __setitem__(self, name: str, mask: torch.Tensor) -> None:
+        self._packed[name], self._width[name] = pack_bits(mask.bool()), mask.shape[-1]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return unpack_bits(self._packed[name], self._width[name])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._packed
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
