@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -91,6 +92,10 @@ def summarize(rows: dict[str, dict], zero_shot: list[str], metric: str) -> dict[
     """Mean accuracy, recovered fraction of the dense -> SparseGPT drop, beats-SparseGPT, ppl vs dense."""
     for r in rows.values():
         r["mean_zero_shot"] = statistics.fmean(accuracy(r["tasks"], t, metric)[0] for t in zero_shot) if zero_shot else None
+        errors = [accuracy(r["tasks"], t, metric)[1] for t in zero_shot]
+        # independent task samples: the standard error of a mean of n scores is sqrt(sum se^2) / n
+        r["mean_zero_shot_stderr"] = (math.sqrt(sum(e * e for e in errors)) / len(errors)
+                                      if zero_shot and None not in errors else None)
     dense, sgpt = rows.get("dense"), rows.get("sparsegpt")
     for label, r in rows.items():
         if dense:
@@ -178,7 +183,7 @@ def main() -> None:
     plot_task_bars({label: r["tasks"] for label, r in rows.items()}, json_path.with_suffix(".png"),
                    "SmolLM2-135M 2:4: task scores (± standard error)")
     if zero_shot:
-        plot_tradeoff({label: (r["wiki_ppl"], r["mean_zero_shot"]) for label, r in rows.items()},
+        plot_tradeoff({label: (r["wiki_ppl"], r["mean_zero_shot"], r["mean_zero_shot_stderr"]) for label, r in rows.items()},
                       json_path.with_name(json_path.stem + "_tradeoff.png"), "WikiText-2 perplexity against task accuracy",
                       "WikiText-2 perplexity (log)", f"mean {args.metric} ({', '.join(zero_shot)})")
     print(f"wrote {json_path}")

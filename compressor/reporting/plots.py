@@ -56,13 +56,14 @@ def plot_lines(series: Mapping[str, Sequence[tuple[float, float]]], path: str | 
     return _save(fig, path)
 
 
-def plot_tradeoff(points: Mapping[str, tuple[float, float]], path: str | Path, title: str, xlabel: str,
-                  ylabel: str, logx: bool = True) -> Path:
-    """One labelled point per series, e.g. a model's perplexity (x) against its mean task accuracy (y)."""
+def plot_tradeoff(points: Mapping[str, tuple[float, float, Optional[float]]], path: str | Path, title: str,
+                  xlabel: str, ylabel: str, logx: bool = True) -> Path:
+    """One labelled point per series, e.g. a model's perplexity (x) against its mean task accuracy (y),
+    with the y standard error as a bar where known."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, (x, y) in points.items():
-        ax.scatter([x], [y])
+    for label, (x, y, err) in points.items():
+        ax.errorbar([x], [y], yerr=None if err is None else [err], fmt="o", capsize=3)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if logx:
         ax.set_xscale("log")
