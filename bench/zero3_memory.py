@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
+
+from compressor.utils.env import peak_rss_bytes  # VmHWM: a spawned rank's own peak, not its parent's
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
@@ -42,10 +43,6 @@ def config_dict(model: str, partitioned: bool, steps: int, seq_len: int, port: i
         "backend": "deepspeed",
         "deepspeed": {"zero_stage": 3, "world_size": 2, "master_port": port, "zero3_partitioned_load": partitioned},
     }
-
-
-def peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
 def rank_entry(rank: int, world: int, cfg, out: str) -> None:
