@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from compressor.checkpoints.compressed import SUFFIXES, compressed_keys, decompress_nm
+from compressor.checkpoints.streaming import SAFETENSORS_DTYPES
 from compressor.checkpoints.sharded import DTYPES, INDEX_NAME, MANIFEST_NAME, read_manifest, sha256_file
 from compressor.errors import CheckpointError
 from compressor.execution.base import Executor, InProcessExecutor
@@ -198,10 +199,7 @@ class CheckpointReader:
         return self._check_tensor(name, self._raw(name))
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
+_SAFETENSORS_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}  # a header's name -> torch
 
 
 def _manifest_levels(folder: Path, manifest: Optional[dict]) -> Optional[dict[str, Any]]:

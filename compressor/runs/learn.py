@@ -22,7 +22,7 @@ from compressor.methods.maskllm.config import check_pattern_count
 from compressor.methods.registry import get_method, section_options
 from compressor.methods.sparse_training.flops import linear_gemm_flops
 from compressor.models.checks import assert_finite_weights
-from compressor.models.layers import block_prefix, decoder_blocks, prunable_linears
+from compressor.models.layers import prunable_linears
 from compressor.eval.config import EvalConfig
 from compressor.eval.runner import check_tasks_available, run_tasks
 from compressor.pipelines.sequential import OneShotPlan, prune_sequential
@@ -131,21 +131,18 @@ def _lazy_oneshot_prior(cfg: LearnConfig, names: list[str], levels: Optional[Map
     """A calibrated one-shot prior on a copy of the model read block by block from its folder."""
     from compressor.data import calibration_windows, load_token_ids
     from compressor.models import load_model
-    from compressor.models.lazy import WeightStore, materialize, materialize_outer, release
+    from compressor.runs.prune import LazyWalk
 
     prior, c = cfg.prior, cfg.prior.calibration
     loaded = load_model(cfg.model, empty=True)
-    store, dtype = WeightStore(loaded.folder), DTYPES[cfg.model.dtype]
-    materialize_outer(loaded.model, loaded.arch, store, dtype)
-    blocks = decoder_blocks(loaded.model, loaded.arch)
+    walk = LazyWalk(loaded, None, DTYPES[cfg.model.dtype])  # `compressor prune`'s lazy walk, writing nothing
     windows = calibration_windows(load_token_ids(c.data, loaded.tokenizer), c.num_windows, c.seq_len, c.seed)
     plan = OneShotPlan(prior.kind, cfg.sparsity, section_options(prior, prior.kind), prior.sparsegpt,
                        tuple(cfg.targets), tuple(cfg.ignore), c.batch_size, layer_error=False,
                        precision=cfg.precision, levels=levels)
-    masks = prune_sequential(
-        loaded.model, loaded.arch, windows, plan, InProcessExecutor(),
-        on_block_start=lambda k: materialize(blocks[k], block_prefix(loaded.arch, k), store, dtype),
-        on_block_done=lambda k: release(blocks[k])).masks
+    masks = prune_sequential(loaded.model, loaded.arch, windows, plan, InProcessExecutor(),
+                             on_block_start=walk.load_block, on_block_done=walk.save_block,
+                             on_inputs_captured=walk.inputs_captured).masks
     del loaded
     missing = [n for n in names if n not in masks]
     if missing:
@@ -201,8 +198,9 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
     from compressor.models import load_model
 
     check_tasks_available(cfg.evaluation)
-    if curve_task_config(cfg) is not None:
-        check_tasks_available(curve_task_config(cfg))
+    curve_tasks = curve_task_config(cfg)
+    if curve_tasks is not None:
+        check_tasks_available(curve_tasks)
     backend = make_backend(cfg)
     out = Path(output)
     timer = PhaseTimer()
@@ -237,7 +235,6 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
     evaluate_fn = None
     if cfg.evaluation.enabled and (backend.is_main or backend.partitioned):
         eval_windows, note = eval_windows_for(cfg.evaluation, tokenizer)
-        curve_tasks = curve_task_config(cfg)
 
         def evaluate_fn() -> dict[str, float]:
             scores = {"perplexity": evaluate(model, eval_windows, cfg.evaluation, note, "hard mask").perplexity}
@@ -316,7 +313,6 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
     return report
 
 
-@torch.no_grad()
 def curve_task_config(cfg: LearnConfig) -> Optional[EvalConfig]:
     """The evaluation of ``train.eval_tasks`` at each curve point (None: perplexity only)."""
     if not cfg.train.eval_tasks:
@@ -332,6 +328,7 @@ def task_scores(evaluation: Mapping[str, Any]) -> dict[str, float]:
             for name, m in result["metrics"].items()}
 
 
+@torch.no_grad()
 def _rebake_from_source(model: torch.nn.Module, state: Optional[dict[str, torch.Tensor]], masks: dict[str, torch.Tensor],
                         folder: Path) -> Optional[dict[str, torch.Tensor]]:
     """Masked weights = the source folder's weights x hard mask, in the source dtype (frozen weights held

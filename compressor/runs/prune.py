@@ -88,14 +88,15 @@ class PruneConfig(StrictModel):
 
 
 class LazyWalk:
-    """Weights read one decoder block at a time, written to the output as soon as the block is done.
+    """Weights read one decoder block at a time, written to the output as soon as the block is done
+    (``model_dir`` None: only read, e.g. for a prior's masks; nothing is written).
 
     Resident are one block and, until block 0's inputs are captured, the embedding: the final norm and
     the LM head are never read by pruning, and ``finish`` copies the unchanged outer tensors from the
     source folder one at a time. The source files are closed after each read (``WeightStore.close``).
     """
 
-    def __init__(self, loaded, model_dir: Path, dtype: torch.dtype) -> None:
+    def __init__(self, loaded, model_dir: Optional[Path], dtype: torch.dtype) -> None:
         from compressor.checkpoints.streaming import StreamingHFWriter
         from compressor.models.lazy import WeightStore, materialize, rebuild_rotary
 
@@ -105,7 +106,7 @@ class LazyWalk:
         materialize(loaded.model.get_submodule(embed), embed, self.store, dtype)
         self.store.close()
         rebuild_rotary(loaded.model, loaded.arch)
-        self.writer = StreamingHFWriter(model_dir)
+        self.writer = StreamingHFWriter(model_dir) if model_dir is not None else None
 
     def _block(self, k: int):
         return decoder_blocks(self.loaded.model, self.loaded.arch)[k], block_prefix(self.loaded.arch, k)
@@ -127,7 +128,8 @@ class LazyWalk:
         from compressor.models.lazy import release
 
         block, prefix = self._block(k)
-        self.writer.write(f"block-{k:05d}", {f"{prefix}.{n}": t for n, t in block.state_dict().items()})
+        if self.writer is not None:
+            self.writer.write(f"block-{k:05d}", {f"{prefix}.{n}": t for n, t in block.state_dict().items()})
         release(block)
 
     def finish(self) -> None:

@@ -65,13 +65,6 @@ def _spawn(cfg, out: Path, resume: bool = False, kill_at: int = 0) -> None:
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory, wikitext_dir):
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text((wikitext_dir / "wiki.valid.tokens").read_text()[:60_000])
-    return path
-
-
-@pytest.fixture(scope="module")
 def whole(tmp_path_factory, tiny_llama_dir, text):
     """An uninterrupted 2-rank ZeRO-3 run."""
     out = tmp_path_factory.mktemp("zero3") / "whole"

@@ -87,13 +87,6 @@ def _spawn(cfg, out: Path, instrument: bool = True) -> Path:
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory, wikitext_dir):
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text((wikitext_dir / "wiki.valid.tokens").read_text()[:60_000])
-    return path
-
-
-@pytest.fixture(scope="module")
 def partitioned(tmp_path_factory, tiny_llama_dir, text):
     return _spawn(_zero3(tiny_llama_dir, text, 29581), tmp_path_factory.mktemp("z3") / "partitioned")
 
