@@ -26,6 +26,7 @@ from compressor.data.sources import (
 )
 from compressor.errors import DataError
 from compressor.utils.cache import cache_root
+from compressor.utils.env import release_freed_memory
 from compressor.utils.fs import atomic_save_safetensors
 from compressor.utils.logging import get_logger
 
@@ -163,6 +164,7 @@ def load_token_ids(
             pass
         log.warning("ignoring the unreadable token cache %s; tokenizing again", cached)
     ids = _tokenize(cfg, tokenizer, max_tokens)
+    release_freed_memory()  # the tokenizer's freed blocks would stay in the RSS of the whole run
     if ids.numel() == 0:
         raise DataError(f"data source {cfg.source!r} yields no tokens; it holds no text")
     if cached is not None:

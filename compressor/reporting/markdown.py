@@ -28,6 +28,7 @@ def prune_report_markdown(report: Mapping[str, Any]) -> str:
             ["mean layer error (dense inputs)", s.get("mean_layer_error")],
             ["prune seconds (calibrate + solve)", report["timing"]["prune_seconds"]],
             ["peak RSS GiB", round(report["memory"]["peak_rss_bytes"] / 2**30, 3)],
+            ["peak RSS GiB by phase", phase_peaks(report)],
         ]),
     ]
     for key, label in (("dense_perplexity", "dense"), ("perplexity", "pruned")):
@@ -44,6 +45,12 @@ def prune_report_markdown(report: Mapping[str, Any]) -> str:
     for plot in report.get("outputs", {}).get("plots", []):
         parts += ["", f"![{plot}]({plot})"]
     return "\n".join(parts) + "\n"
+
+
+def phase_peaks(report: Mapping[str, Any]) -> Optional[str]:
+    """``load 0.61, calibrate 0.72, ...``: where this process's memory peaked (None where not measured)."""
+    peaks = report.get("memory", {}).get("peak_rss_bytes_by_phase")
+    return ", ".join(f"{k} {v / 2**30:.3f}" for k, v in peaks.items()) if peaks else None
 
 
 def plan_markdown(plan: Optional[Mapping[str, Any]]) -> list[str]:
@@ -75,6 +82,7 @@ def learn_report_markdown(report: Mapping[str, Any]) -> str:
                                                          f"{flops.get('backward_vs_dense', 1):.3g}"],
         ["precision", _precision(report)],
         ["peak RSS GiB", round(report["memory"]["peak_rss_bytes"] / 2**30, 3)],
+        ["peak RSS GiB by phase", phase_peaks(report)],
     ]
     parts = [f"# {report['method']} {report.get('sparsity') or ''} on {report['model']['source']}", "",
              table(["metric", "value"], rows)]

@@ -17,6 +17,7 @@ from compressor.eval.precision import eval_precision
 from compressor.utils.env import environment_info, peak_rss_bytes
 from compressor.utils.fs import atomic_write_json, atomic_write_text
 from compressor.utils.logging import get_logger
+from compressor.utils.timing import PhaseTimer
 
 log = get_logger(__name__)
 CONFIG_FILE = "config.yaml"
@@ -75,9 +76,14 @@ def evaluate(model, windows: torch.Tensor, cfg: EvalConfig, note: Optional[str],
     return result
 
 
-def finish_report(out: Path, report: dict[str, Any], markdown: Optional[Callable[[dict], str]] = None) -> dict[str, Any]:
-    """Add environment and memory, write report.md, and report.json last: it marks a finished run."""
-    report.setdefault("memory", {})["peak_rss_bytes"] = peak_rss_bytes()
+def finish_report(out: Path, report: dict[str, Any], markdown: Optional[Callable[[dict], str]] = None,
+                  timer: Optional[PhaseTimer] = None) -> dict[str, Any]:
+    """Add environment and memory (this process's peak, and per phase of ``timer``), write report.md, and
+    report.json last: it marks a finished run."""
+    memory = report.setdefault("memory", {})
+    memory["peak_rss_bytes"] = peak_rss_bytes()
+    if timer is not None and timer.peak_rss_by_phase():
+        memory["peak_rss_bytes_by_phase"] = timer.peak_rss_by_phase()
     report["environment"] = environment_info()
     if markdown is not None:
         atomic_write_text(out / "report.md", markdown(report))

@@ -308,7 +308,7 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
     outputs["tensorboard"] = TENSORBOARD_DIR
     report["outputs"] = outputs
     report["timing"] = timer.as_dict()
-    finish_report(out, report, learn_report_markdown)
+    finish_report(out, report, learn_report_markdown, timer)
     backend.close()
     return report
 

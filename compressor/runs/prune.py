@@ -259,7 +259,7 @@ def _prune(cfg: PruneConfig, out: Path) -> dict[str, Any]:
         report["outputs"]["plan"] = PLAN_FILE
     times = timer.as_dict()
     report["timing"] = {**times, "prune_seconds": round(times.get("calibrate", 0.0) + times.get("solve", 0.0), 3)}
-    report = finish_report(out, report, prune_report_markdown)
+    report = finish_report(out, report, prune_report_markdown, timer)
     shutil.rmtree(out / ".work", ignore_errors=True)
     return report
 

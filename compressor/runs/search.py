@@ -125,7 +125,7 @@ def _search(cfg: SearchConfig, out: Path, on_generation) -> dict[str, Any]:
     report["outputs"] = {"plans": {k: r["plan"] for k, r in results.items()},
                          "plots": _plots(out, results, best, space, sensitivity, f.kind)}
     report["timing"] = timer.as_dict()
-    return finish_report(out, report, search_markdown)
+    return finish_report(out, report, search_markdown, timer)
 
 
 def _sensitivity(model, space: SearchSpace, windows, cfg: SearchConfig, out: Path) -> dict[str, float]:

@@ -46,10 +46,12 @@ def environment_info() -> dict:
     }
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process: Linux's VmHWM, the high-water mark of this program's own
-    memory. ru_maxrss is the fallback elsewhere; on Linux it also holds the RSS of the parent at the fork
-    before exec (a run started by a 3 GiB test process reported 3 GiB)."""
+# The process peak from before the last restart_peak_rss(): VmHWM restarts from the current RSS there.
+_PEAK_BEFORE_RESETS = 0
+
+
+def _vm_hwm() -> int | None:
+    """Linux's VmHWM in bytes: the high-water mark of this program's own memory since start or reset."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -57,9 +59,52 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024  # kB
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process: Linux's VmHWM (kept across restart_peak_rss). ru_maxrss is the
+    fallback elsewhere; on Linux it also holds the RSS of the parent at the fork before exec (a run
+    started by a 3 GiB test process reported 3 GiB)."""
+    hwm = _vm_hwm()
+    if hwm is not None:
+        return max(hwm, _PEAK_BEFORE_RESETS)
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux (bytes on macOS)
+
+
+def restart_peak_rss() -> int | None:
+    """The peak RSS since the last restart (or the start); then freed heap blocks go back to the OS and the
+    high-water mark restarts from the live memory (Linux: ``5`` to /proc/self/clear_refs), so that the
+    next phase's own peak can be read. peak_rss_bytes() still returns the whole run's. None where the OS
+    cannot restart the mark."""
+    global _PEAK_BEFORE_RESETS
+    peak = _vm_hwm()  # read before the trim: VmHWM also counts the current RSS, which the trim lowers
+    if peak is None:
+        return None
+    release_freed_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return None
+    _PEAK_BEFORE_RESETS = max(_PEAK_BEFORE_RESETS, peak)
+    return peak
+
+
+def release_freed_memory() -> bool:
+    """Hand the C heap's freed pages back to the OS (glibc ``malloc_trim``). Tokenizing a file leaves many
+    small freed blocks that glibc keeps; without this they stay in the RSS of the whole run. False where
+    the C library has no such call."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def flush_denormals() -> None:

@@ -1,4 +1,4 @@
-"""Wall-clock accounting by named phase, so reports can separate e.g. pruning from evaluation."""
+"""Wall-clock and peak-memory accounting by named phase, so reports can separate e.g. pruning from evaluation."""
 
 from __future__ import annotations
 
@@ -7,21 +7,49 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Iterator
 
+from compressor.utils.env import restart_peak_rss
+
 
 class PhaseTimer:
-    def __init__(self) -> None:
+    """Seconds per phase and, where the OS can restart its high-water mark (Linux), this process's peak
+    RSS per phase: a whole-run peak says little when loading or tokenizing, not the work, set it."""
+
+    def __init__(self, track_memory: bool = True) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.peaks: dict[str, int] = {}
+        self._open: list[str] = []
+        self._memory = track_memory
+
+    def _flush_peak(self) -> None:
+        """Charge the peak since the last boundary to every open phase, and restart the mark from the live
+        memory (freed heap blocks go back to the OS first, or the next phase would reuse them unseen)."""
+        if not self._memory:
+            return
+        peak = restart_peak_rss()
+        if peak is None:
+            self._memory = False
+            return
+        for name in self._open:
+            self.peaks[name] = max(self.peaks.get(name, 0), peak)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        self._flush_peak()
+        self._open.append(name)
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - start
+            self._flush_peak()
+            self._open.remove(name)
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.seconds.items()}
+
+    def peak_rss_by_phase(self) -> dict[str, int]:
+        """Bytes: each phase's highest RSS over all its entries (empty where not measurable)."""
+        return dict(self.peaks)
 
 
 class WindowClock:

@@ -1,5 +1,5 @@
 """process_memory: hand-checked byte counts, the activation count against autograd's saved tensors, and the
-prune prediction against the measured peak RSS of real `compressor prune` processes."""
+prune prediction against the measured peak RSS of the block walk of real `compressor prune` processes."""
 
 from __future__ import annotations
 
@@ -125,26 +125,34 @@ def _prune(tmp: Path, folder: Path, text: Path, windows: int, name: str) -> int:
     done = subprocess.run([sys.executable, "-m", "compressor.cli", "prune", "--config", str(path), "--output",
                            str(tmp / name)], cwd=ROOT, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((tmp / name / "report.json").read_text())["memory"]["peak_rss_bytes"]
+    by_phase = json.loads((tmp / name / "report.json").read_text())["memory"]["peak_rss_bytes_by_phase"]
+    # the block walk's own peak: the predictor's phases; a cold token cache makes tokenizing the whole
+    # file ("data") the run's peak (+66 MiB measured), which says nothing about the walk
+    return max(by_phase[k] for k in ("calibrate", "solve", "error", "checkpoint") if k in by_phase)
 
 
-def test_lazy_prune_peak_rss_grows_as_predicted(tmp_path, smollm_dir, wikitext_dir):
-    """Two real lazy prunes of a random model wide enough that its terms show above the process baseline
-    (hidden 512, I 2048: Gram matrices of 2 and 32 MiB, streams of 16 and 64 windows x 256 tokens)."""
+def test_lazy_prune_peak_rss_grows_as_predicted(tmp_path, tiny_llama_dir, smollm_dir, wikitext_dir):
+    """Real lazy prunes of a random model wide enough that its terms show above the process baseline
+    (hidden 512, I 2048: Gram matrices of 2 and 32 MiB, streams of 64 and 128 windows x 256 tokens; below some
+    40 windows the walk's peak sits at a floor of the lazy load instead). The
+    baseline is measured here as the module defines it (the tiny model's run less its few MB of terms):
+    hosts differ in it by some 150 MiB (CI against this machine), not in the terms."""
     from compressor.models.random_init import save_random_model
 
+    text = wikitext_dir / "wiki.valid.tokens"
+    tiny = predict_prune(dims_for_source(str(tiny_llama_dir)), PruneSetup(num_windows=16, seq_len=256, baseline=0))
+    baseline = _prune(tmp_path, tiny_llama_dir, text, 16, "tiny") - tiny.total
     folder = save_random_model(tmp_path / "wide", "tiny", "llama", 0, hidden_size=512, intermediate_size=2048,
                                num_attention_heads=8, num_key_value_heads=4)
     dims = dims_for_source(str(folder))
-    text = wikitext_dir / "wiki.valid.tokens"
-    few, many = (_prune(tmp_path, folder, text, n, f"w{n}") for n in (16, 64))
-    predicted = {n: predict_prune(dims, PruneSetup(num_windows=n, seq_len=256)) for n in (16, 64)}
-    growth = predicted[64].total - predicted[16].total
-    print(f"measured {few / MiB:.1f} / {many / MiB:.1f} MiB, predicted {predicted[16].total / MiB:.1f} / "
-          f"{predicted[64].total / MiB:.1f} MiB ({predicted[16].phase} / {predicted[64].phase})")
-    assert growth > 70 * MiB  # the activation streams: 3 x 48 windows x 256 tokens x 512 x 4 B
-    # RSS differs by some 30 MiB from run to run at this size (measured growths 41 and 76 MiB): a loose bound,
-    # which still fails when a stream too many is alive (5 streams: 121 MiB, measured before that was fixed)
-    assert many - few == pytest.approx(growth, rel=0.5)
-    for n, measured in ((16, few), (64, many)):
-        assert measured == pytest.approx(predicted[n].total, rel=0.2), predicted[n].table()
+    few, many = (_prune(tmp_path, folder, text, n, f"w{n}") for n in (64, 128))
+    predicted = {n: predict_prune(dims, PruneSetup(num_windows=n, seq_len=256, baseline=baseline)) for n in (64, 128)}
+    growth = predicted[128].total - predicted[64].total
+    print(f"baseline {baseline / MiB:.1f} MiB; measured {few / MiB:.1f} / {many / MiB:.1f} MiB, predicted "
+          f"{predicted[64].total / MiB:.1f} / {predicted[128].total / MiB:.1f} MiB")
+    assert growth > 90 * MiB  # the activation streams: 3 x 64 windows x 256 tokens x 512 x 4 B
+    # the walk's RSS varies by some 20 MiB from run to run at this size: a loose bound, which still fails
+    # when a stream too many or too few is alive (32 MiB per stream here)
+    assert many - few == pytest.approx(growth, rel=0.3)
+    for n, measured in ((64, few), (128, many)):
+        assert measured == pytest.approx(predicted[n].total, rel=0.15), predicted[n].table()

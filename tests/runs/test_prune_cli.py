@@ -42,6 +42,11 @@ def test_prune_writes_model_masks_and_report(tmp_path, tiny_llama_dir, text_file
     assert (out / "plots" / "layer_error.png").stat().st_size > 1000
     assert "Perplexity" in (out / "report.md").read_text()
     assert not (out / ".work").exists()
+    by_phase = report["memory"].get("peak_rss_bytes_by_phase")
+    if by_phase is not None:  # Linux: where this process's memory peaked
+        assert {"load", "data", "calibrate", "solve", "save", "evaluate"} <= set(by_phase)
+        assert max(by_phase.values()) <= report["memory"]["peak_rss_bytes"]
+        assert "peak RSS GiB by phase | load " in (out / "report.md").read_text()
 
     pruned = load_model(str(out / "model")).model
     masks = load_masks(out / "masks.safetensors")

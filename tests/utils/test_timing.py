@@ -1,8 +1,16 @@
-"""WindowClock leaves paused time (evaluation, checkpoints) out of a throughput window."""
+"""WindowClock leaves paused time (evaluation, checkpoints) out of a throughput window; PhaseTimer keeps
+each phase's own peak RSS."""
 
 import time
 
-from compressor.utils.timing import WindowClock
+import pytest
+
+from compressor.utils.env import peak_rss_bytes, restart_peak_rss
+from compressor.utils.timing import PhaseTimer, WindowClock
+
+MiB = 2**20
+needs_reset = pytest.mark.skipif(restart_peak_rss() is None, reason="this OS cannot restart the RSS high-water mark "
+                                 "(Linux /proc/self/clear_refs)")
 
 
 def test_paused_time_is_left_out_and_restart_begins_a_new_window():
@@ -14,3 +22,40 @@ def test_paused_time_is_left_out_and_restart_begins_a_new_window():
     assert 0.09 <= clock.seconds() < 0.2  # about 0.1 s of work; the 0.2 s pause is not counted
     clock.restart()
     assert clock.seconds() < 0.05
+
+
+def _touch(mib: int) -> None:
+    ballast = bytearray(mib * MiB)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # resident, not only reserved
+    del ballast
+
+
+@needs_reset
+def test_each_phase_records_its_own_peak_and_the_run_peak_survives_the_resets():
+    timer = PhaseTimer()
+    with timer.phase("small"):
+        pass
+    with timer.phase("large"):
+        _touch(384)
+    with timer.phase("after"):
+        pass
+    peaks = timer.peak_rss_by_phase()
+    assert set(peaks) == {"small", "large", "after"}
+    assert peaks["large"] > peaks["small"] + 300 * MiB  # freed memory leaves the later phase's peak alone
+    assert peaks["after"] < peaks["large"] - 300 * MiB
+    assert peak_rss_bytes() >= peaks["large"]  # the whole run's peak is kept across the resets
+
+
+@needs_reset
+def test_a_nested_phase_charges_its_peak_to_the_enclosing_one_too():
+    timer = PhaseTimer()
+    with timer.phase("before"):
+        pass
+    with timer.phase("outer"):
+        with timer.phase("inner"):
+            _touch(256)
+        with timer.phase("later"):
+            pass
+    peaks = timer.peak_rss_by_phase()
+    assert peaks["outer"] >= peaks["inner"] > peaks["before"] + 200 * MiB
+    assert peaks["later"] < peaks["inner"] - 200 * MiB
