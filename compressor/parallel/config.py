@@ -95,10 +95,6 @@ class DistributedLearnConfig(MaskLearningConfig):
         if self.method.kind != "maskllm":
             raise ValueError(f"method.kind {self.method.kind!r} is not supported by the distributed (megatron) "
                              "trainer, which learns MaskLLM masks; run it with `compressor learn` (single or deepspeed)")
-        if self.sparsity_plan is not None:
-            raise ValueError("sparsity_plan (a different N:M per layer) is not supported yet with `compressor launch` "
-                             "(the megatron trainer builds one N:M for all its fused linears); use `compressor learn`, "
-                             "or remove sparsity_plan")
         if t.eval_tasks:
             raise ValueError("train.eval_tasks is not supported by the distributed (megatron) trainer, whose curve "
                              "is the hard-mask perplexity; score tasks at the end (evaluation.tasks) or remove it")

@@ -44,6 +44,7 @@ from compressor.parallel.megatron_convert import (
 )
 from compressor.parallel.megatron_model import Layout
 from compressor.sparsity import NM
+from compressor.sparsity.plan import PlanError
 
 
 @dataclass
@@ -82,19 +83,50 @@ def local_shape(kind: LinearKind, dims: LlamaDims, tp: int) -> tuple[int, int]:
     return (out // tp, inp) if kind.split_dim == 0 else (out, inp // tp)
 
 
-def check_tp_mask_shapes(dims: LlamaDims, tp: int, nm: NM, layers: Optional[Sequence[int]] = None) -> None:
-    """Every masked shard's input width must be a multiple of M, so no group of M straddles two TP ranks."""
+LevelOf = Callable[[int, LinearKind], NM]  # (global layer, linear) -> its N:M
+
+
+def check_tp_mask_shapes(dims: LlamaDims, tp: int, nm: NM | LevelOf, layers: Optional[Sequence[int]] = None) -> None:
+    """Every masked shard's input width must be a multiple of its M, so no group of M straddles two TP ranks.
+    ``nm``: one N:M for all, or each linear's own (a mixed sparsity plan)."""
+    level_of = nm if callable(nm) else (lambda i, kind: nm)
     for i in layers if layers is not None else range(dims.layers):
         for kind in LINEARS:
+            m = level_of(i, kind).m
             out, width = local_shape(kind, dims, tp)
-            if width % nm.m:
+            if width % m:
                 full = width * tp if kind.split_dim == 1 else width
                 hf = ", ".join(f"{hf_layer(i)}.{h}" for h in kind.hf)
                 raise SparsityPatternError(
                     f"decoder.layers.{i}.{kind.path} ({hf}): its input width {full} split over tensor_parallel={tp} "
-                    f"gives {width} columns per rank, not a multiple of M={nm.m}, so groups of {nm.m} would straddle "
-                    f"the shard boundary; choose a tensor_parallel size that divides {full // nm.m} groups evenly"
+                    f"gives {width} columns per rank, not a multiple of M={m}, so groups of {m} would straddle "
+                    f"the shard boundary; choose a tensor_parallel size that divides {full // m} groups evenly"
                 )
+
+
+def hf_linear_shapes(dims: LlamaDims, chosen: Sequence[tuple[int, LinearKind]]) -> dict[str, tuple[int, int]]:
+    """``{HF linear name: (out, in)}`` of the ``chosen`` megatron linears (``select_linears``), in model
+    order: what a sparsity plan is resolved against (as ``prunable_linears`` gives it for an HF model)."""
+    return {f"{hf_layer(i)}.{rel}": hf_linear_shape(rel, dims) for i, kind in chosen for rel in kind.hf}
+
+
+def fused_level_of(levels: Mapping[str, NM], default: NM) -> LevelOf:
+    """Each megatron linear's N:M from a plan's levels by HF linear name. A fused linear (QKV, gate/up) has
+    one mask, so its HF linears must share a level: else a PlanError names them. Linears the plan does not
+    list (not selected by targets) get ``default``; they are not masked."""
+    def level_of(i: int, kind: LinearKind) -> NM:
+        names = [f"{hf_layer(i)}.{h}" for h in kind.hf]
+        got = {n: levels[n] for n in names if n in levels}
+        if not got:
+            return default
+        if len(set(got.values())) > 1:
+            listed = ", ".join(f"{n} {lv}" for n, lv in got.items())
+            raise PlanError(f"the sparsity plan gives the linears megatron fuses into decoder.layers.{i}.{kind.path} "
+                            f"different levels ({listed}); they share one mask there: give them one level, or "
+                            "learn this plan with `compressor learn` (single process or deepspeed)")
+        return next(iter(got.values()))
+
+    return level_of
 
 
 # -- which linears ---------------------------------------------------------------------------------
@@ -127,14 +159,15 @@ def noise_seed(seed: int, name: str, layout: Layout) -> int:
 
 
 def initial_hf_logits(kind: LinearKind, layer: int, dims: LlamaDims, cfg: MaskLLMConfig, seed: int,
-                      priors: Optional[Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
-    """The full-layer initial logits of each HF linear of ``kind``: what ``attach_masks`` would start from."""
+                      priors: Optional[Mapping[str, torch.Tensor]], nm: Optional[NM] = None) -> list[torch.Tensor]:
+    """The full-layer initial logits of each HF linear of ``kind`` at ``nm`` (default ``cfg.sparsity``):
+    what ``attach_masks`` would start from."""
     out = []
     for rel in kind.hf:
         module = f"{hf_layer(layer)}.{rel}"
         rows, cols = hf_linear_shape(rel, dims)
-        full = NMMaskParametrization(rows, cols, cfg.sparsity, init_std=cfg.init_std, dtype=DTYPES[cfg.logits_dtype],
-                                     seed=layer_seed(seed, module), name=module)
+        full = NMMaskParametrization(rows, cols, nm or cfg.sparsity, init_std=cfg.init_std,
+                                     dtype=DTYPES[cfg.logits_dtype], seed=layer_seed(seed, module), name=module)
         if priors is not None:
             full.init_from_prior(_prior(priors, module), cfg.prior_strength)
         out.append(full.logits.detach())
@@ -167,8 +200,10 @@ def attach_sharded_masks(
     priors: Optional[Mapping[str, torch.Tensor]] = None,
     targets: Sequence[str] = (".*",),
     ignore: Sequence[str] = (),
+    levels: Optional[Mapping[str, NM]] = None,
 ) -> MaskSet:
     """Mask this rank's Column/RowParallelLinear weights; ``priors`` are full (out, in) masks by HF weight name.
+    ``levels``: each HF linear's own N:M (a mixed sparsity plan, by module name); default ``cfg.sparsity``.
 
     Every model parameter is frozen; masks start in eval (hard) mode, like ``attach_masks``.
     """
@@ -176,7 +211,8 @@ def attach_sharded_masks(
         raise ConfigError("maskllm.train_weights is not supported by the megatron trainer (weights stay frozen)")
     check_parallel_sizes(dims, layout.tp_size, layout.pp_size)
     layers = list(layout.shard.layers(dims))
-    check_tp_mask_shapes(dims, layout.tp_size, cfg.sparsity, layers)
+    level_of = fused_level_of(levels, cfg.sparsity) if levels else (lambda i, kind: cfg.sparsity)
+    check_tp_mask_shapes(dims, layout.tp_size, level_of, layers)
     chosen = select_linears(dims, layers, targets, ignore)
     if not chosen:
         raise ConfigError("targets/ignore select no linear of this pipeline stage; mask at least one per stage")
@@ -189,11 +225,12 @@ def attach_sharded_masks(
         if tuple(weight.shape) != local_shape(kind, dims, layout.tp_size):
             raise RuntimeError(f"{module_path}: weight shard {tuple(weight.shape)}, expected "
                                f"{local_shape(kind, dims, layout.tp_size)}")
-        mask = NMMaskParametrization(weight.shape[0], weight.shape[1], cfg.sparsity, init_std=cfg.init_std,
+        nm = level_of(i, kind)
+        mask = NMMaskParametrization(weight.shape[0], weight.shape[1], nm, init_std=cfg.init_std,
                                      dtype=DTYPES[cfg.logits_dtype], seed=noise_seed(seed, name, layout), name=name,
                                      device=weight.device)
         if not weight.is_meta:  # a meta-device model (shape proofs) has no values to start from
-            full = initial_hf_logits(kind, i, dims, cfg, seed, priors)
+            full = initial_hf_logits(kind, i, dims, cfg, seed, priors, nm)
             mask.load_logits(shard_hf(kind, full, dims, layout.tp_size, layout.tp_rank), what="initial logits")
         masks[name] = ShardedMask(name, module_path, kind, i, mask)
     for p in model.parameters():

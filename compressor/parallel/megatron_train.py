@@ -30,7 +30,7 @@ import math
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,8 @@ from compressor.parallel import megatron_checkpoint as ckpt
 from compressor.parallel.config import DistributedLearnConfig
 from compressor.parallel.megatron_convert import LlamaDims
 from compressor.parallel.megatron_masks import (
-    MaskSet, as_mask_dict, attach_sharded_masks, gather_hf, load_hf_logits, masked_forward, original_weights,
+    MaskSet, as_mask_dict, attach_sharded_masks, check_tp_mask_shapes, fused_level_of, gather_hf, hf_linear_shapes,
+    load_hf_logits, masked_forward, original_weights, select_linears,
 )
 from compressor.parallel.megatron_model import (
     Layout, build_gpt_model, destroy_model_parallel, init_distributed, init_model_parallel, load_hf_weights,
@@ -53,6 +54,7 @@ from compressor.parallel.megatron_model import (
 from compressor.precision import DTYPES
 from compressor.methods.maskllm.schedules import schedule_at
 from compressor.reporting.tensorboard import TENSORBOARD_DIR, ScalarWriter
+from compressor.sparsity.plan import ResolvedPlan
 from compressor.training.learners.maskllm import maskllm_log_values
 from compressor.training.loop import log_row
 from compressor.utils.env import flush_denormals
@@ -263,6 +265,37 @@ def _model_folder(cfg: DistributedLearnConfig) -> Path:
     return folder
 
 
+def _on_rank0(check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0; a ConfigError it raises is raised on every rank with the same message, so
+    that none waits forever for a rank that refused."""
+    problem: list[Optional[str]] = [None]
+    if dist.get_rank() == 0:
+        try:
+            check()
+        except ConfigError as exc:
+            problem[0] = str(exc)
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise ConfigError(problem[0])
+
+
+def _resolve_plan(cfg: DistributedLearnConfig, dims: LlamaDims, layout: Layout) -> Optional[ResolvedPlan]:
+    """The run's sparsity plan against the HF linears the targets select, checked for every layer on every
+    rank before any work (a fused QKV or gate/up takes one level; each level's M tiles its TP shards), so
+    that all ranks fail alike and none waits for a stage that refused."""
+    if cfg.sparsity_plan is None:
+        return None
+    from compressor.runs.learn import maskllm_levels
+
+    chosen = select_linears(dims, range(dims.layers), cfg.targets, cfg.ignore)
+    resolved = maskllm_levels(cfg, hf_linear_shapes(dims, chosen))
+    level_of = fused_level_of(resolved.levels, cfg.maskllm.sparsity)
+    for i, kind in chosen:
+        level_of(i, kind)
+    check_tp_mask_shapes(dims, layout.tp_size, level_of, sorted({i for i, _ in chosen}))
+    return resolved
+
+
 def _priors(cfg: DistributedLearnConfig) -> Optional[dict[str, torch.Tensor]]:
     if cfg.init_logits or cfg.prior.kind == "none":
         return None
@@ -307,6 +340,7 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
     from compressor.models.loading import load_tokenizer
     from compressor.runs.common import save_or_check_config
     from compressor.runs.learn import make_stream
+    from compressor.runs.plans import setup_plan
 
     world = dist.get_world_size()
     if world != cfg.parallel.world_size:
@@ -318,27 +352,26 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
     layout = init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, t.seed)
     root = out / CHECKPOINTS
     rank0 = dist.get_rank() == 0
-    problem: list[Optional[str]] = [None]
-    if rank0:
+    resuming = ckpt.latest_checkpoint(root) is not None
+
+    def check_config() -> None:
         out.mkdir(parents=True, exist_ok=True)
-        try:
-            save_or_check_config(out, cfg, resuming=ckpt.latest_checkpoint(root) is not None,
-                                 ignore=RESUMABLE_CHANGES, may_change=RESUMABLE_DESCRIPTION)
-        except ConfigError as exc:
-            problem[0] = str(exc)
-    dist.broadcast_object_list(problem, src=0)  # every rank fails with the same message, none waits forever
-    if problem[0] is not None:
-        raise ConfigError(problem[0])
+        save_or_check_config(out, cfg, resuming=resuming, ignore=RESUMABLE_CHANGES, may_change=RESUMABLE_DESCRIPTION)
+
+    _on_rank0(check_config)
     timer: dict[str, float] = {}
     started = time.perf_counter()
 
     folder = _model_folder(cfg)
     _, dims, get = open_hf_folder(folder)
+    plan = _resolve_plan(cfg, dims, layout)
+    if plan is not None:
+        _on_rank0(lambda: setup_plan(out, cfg.sparsity_plan, resuming, plan.shapes))
     dtype = DTYPES[cfg.megatron_dtype]
     model = build_gpt_model(dims, layout, dtype)
     load_hf_weights(model, get, dims, layout)
     masks = attach_sharded_masks(model, dims, layout, mcfg, seed=t.seed, priors=_priors(cfg),
-                                 targets=cfg.targets, ignore=cfg.ignore)
+                                 targets=cfg.targets, ignore=cfg.ignore, levels=plan and plan.levels)
     if cfg.init_logits:
         from compressor.checkpoints.logits import load_logits
 
@@ -413,15 +446,19 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
     if scalars is not None:
         scalars.close()
     mask_train(plain, False)
-    return _finish(cfg, out, folder, masks, dims, layout, history, timer)
+    return _finish(cfg, out, folder, masks, dims, layout, history, timer, plan)
 
 
 def _finish(cfg: DistributedLearnConfig, out: Path, folder: Path, masks: MaskSet, dims: LlamaDims, layout: Layout,
-            history: dict[str, list], timer: dict[str, float]) -> Optional[dict[str, Any]]:
-    """Rank 0 writes HF-named logits and hard masks, a ``model/`` link and ``report.json``."""
+            history: dict[str, list], timer: dict[str, float], plan: Optional[ResolvedPlan] = None
+            ) -> Optional[dict[str, Any]]:
+    """Rank 0 writes HF-named logits and hard masks (each layer checked against its level), a ``model/``
+    link and ``report.json`` (with the plan's level table and heatmap for a mixed run)."""
     from compressor.checkpoints.logits import save_logits
     from compressor.checkpoints.masks import save_masks
     from compressor.runs.common import finish_report
+    from compressor.runs.plans import PLAN_FILE, record_plan, uniform_text, weight_levels
+    from compressor.sparsity import is_nm
 
     logits = gather_hf(masks, dims, layout, lambda m: m.logits.detach().float())
     hard = gather_hf(masks, dims, layout, lambda m: m.hard_mask())
@@ -430,11 +467,17 @@ def _finish(cfg: DistributedLearnConfig, out: Path, folder: Path, masks: MaskSet
     if dist.get_rank() != 0:
         return None
     nm = cfg.maskllm.sparsity
-    save_logits(out / "logits.safetensors", logits, nm)
-    save_masks(out / "masks.safetensors", hard, str(nm))
+    by_weight = {f"{n}.weight": lv for n, lv in plan.levels.items()} if plan is not None else None
+    save_logits(out / "logits.safetensors", logits, nm, by_weight)
+    if plan is None:
+        save_masks(out / "masks.safetensors", hard, str(nm))
+    else:
+        save_masks(out / "masks.safetensors", hard, uniform_text(plan), weight_levels(plan))
     _link_model(out, folder)
+    pattern_ok = all(is_nm(mask, by_weight[n] if by_weight else nm) for n, mask in hard.items())
     report: dict[str, Any] = {
-        "method": "maskllm", "sparsity": str(nm), "model": {"source": cfg.model.source},
+        "method": "maskllm", "sparsity": str(nm) if plan is None else "mixed", "pattern_ok": pattern_ok,
+        "model": {"source": cfg.model.source},
         "config": cfg.model_dump(mode="json"), "precision": cfg.precision.describe(), "backend": "megatron",
         "parallel": {"tensor": layout.tp_size, "pipeline": layout.pp_size, "data": layout.dp_size,
                      "world_size": dist.get_world_size(), "micro_batches": cfg.num_microbatches,
@@ -447,6 +490,9 @@ def _finish(cfg: DistributedLearnConfig, out: Path, folder: Path, masks: MaskSet
     }
     if history["evals"]:
         report["perplexity"] = history["evals"][-1]
+    if plan is not None:
+        plots = record_plan(out, plan, cfg.sparsity_plan, report, "maskllm (megatron): N:M per layer")
+        report["outputs"].update(plan=PLAN_FILE, plots=[str(p) for p in plots])
     return finish_report(out, report)
 
 

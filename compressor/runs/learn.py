@@ -151,8 +151,9 @@ def _lazy_oneshot_prior(cfg: LearnConfig, names: list[str], levels: Optional[Map
 
 
 def maskllm_levels(cfg: LearnConfig, targets) -> Optional[ResolvedPlan]:
-    """The sparsity plan of a MaskLLM run, resolved and checked: MaskLLM learns one logit per keep-pattern
-    of each group, so every level must be N:M with few enough patterns."""
+    """The sparsity plan of a MaskLLM run, resolved against ``targets`` (linears, or their shapes by name)
+    and checked: MaskLLM learns one logit per keep-pattern of each group, so every level must be N:M with
+    few enough patterns."""
     if cfg.sparsity_plan is None:
         return None
     resolved = resolve_plan(cfg.sparsity_plan, targets)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from compressor.errors import ConfigError
 from compressor.models.layers import LinearTarget
@@ -13,24 +13,29 @@ from compressor.sparsity.plan import ResolvedPlan, SparsityPlan, layer_shapes, l
 PLAN_FILE = "plan.json"
 
 
-def setup_plan(folder: Path, path: Optional[str], resuming: bool) -> None:
+def setup_plan(folder: Path, path: Optional[str], resuming: bool,
+               shapes: Optional[Mapping[str, tuple[int, int]]] = None) -> None:
     """Copy the plan file into the run folder at its start (``plan.json``, a set-up file like config.yaml;
-    the finished run replaces it with the full listing), so that a resumed run can be held to it."""
+    the finished run replaces it with the full listing), so that a resumed run can be held to it. With the
+    run's layer ``shapes``, a saved plan that gives every layer the same level also holds (the listing of a
+    finished run continued with more steps)."""
     if path is None:
         return
     plan, saved = SparsityPlan.load(path), folder / PLAN_FILE
     if resuming and saved.is_file():
-        if SparsityPlan.load(saved) != plan:
+        before = SparsityPlan.load(saved)
+        same = before == plan or (shapes is not None and before.resolve(shapes).levels == plan.resolve(shapes).levels)
+        if not same:
             raise ConfigError(f"cannot resume {folder}: the sparsity plan {path} differs from the one the run started "
                               f"with ({saved}); use that plan, or pass --overwrite (or another --output) to start over")
         return
     plan.save(saved)
 
 
-def resolve_plan(path: str, targets: Sequence[LinearTarget]) -> ResolvedPlan:
-    """The plan file ``path`` checked against the run's pruned linears (keys, widths, declared target);
-    a ``PlanError`` names the file and the layer."""
-    shapes = layer_shapes(targets)
+def resolve_plan(path: str, targets: Sequence[LinearTarget] | Mapping[str, tuple[int, int]]) -> ResolvedPlan:
+    """The plan file ``path`` checked against the run's pruned linears, or their ``{name: (out, in)}``
+    (keys, widths, declared target); a ``PlanError`` names the file and the layer."""
+    shapes = dict(targets) if isinstance(targets, Mapping) else layer_shapes(targets)
     return SparsityPlan.load(path, shapes).resolve(shapes)
 
 

@@ -3,6 +3,8 @@ model whose linears have that rank's weight shapes at megatron's module paths.""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -15,7 +17,8 @@ from compressor.parallel.megatron_masks import (
     select_linears,
 )
 from compressor.parallel.megatron_model import Layout
-from compressor.sparsity import NM, patterns_to_mask
+from compressor.sparsity import NM, is_nm, patterns_to_mask
+from compressor.sparsity.plan import PlanError
 
 NM24 = NM(2, 4)
 
@@ -131,3 +134,52 @@ def test_targets_select_whole_fused_linears():
     assert [k.path for _, k in chosen] == ["self_attention.linear_qkv", "self_attention.linear_proj"] * 2
     with pytest.raises(ConfigError, match=r"q_proj, .*k_proj, .*v_proj.*fuses them into decoder\.layers\.0"):
         select_linears(d, [0], targets=[".*"], ignore=[r".*k_proj"])
+
+
+def plan_levels(d: LlamaDims) -> dict[str, NM]:
+    """A mixed plan by HF module name: attention 4:8 (q, k, v share it: one fused mask), layer 1's MLP
+    1:4 for gate/up and 4:8 for down, the rest 2:4."""
+    def level(name: str) -> NM:
+        if ".self_attn." in name:
+            return NM(4, 8)
+        if name.startswith("model.layers.1.mlp."):
+            return NM(4, 8) if name.endswith("down_proj") else NM(1, 4)
+        return NM24
+    return {n: level(n) for n in hf_names(d)}
+
+
+def test_mixed_levels_shard_to_the_single_process_logits():
+    d, tp = dims(), 2
+    levels = plan_levels(d)
+    cfg = MaskLLMConfig(sparsity="2:4")
+    per_rank = [attach_sharded_masks(stage_model(d, layout(tp, r)), d, layout(tp, r), cfg, seed=3, levels=levels)
+                for r in range(tp)]
+    full = gathered(per_rank, d, tp, lambda m: m.logits.detach())
+    hf_model = linear_tree({n: hf_linear_shape(n.split(".", 3)[-1], d) for n in hf_names(d)})
+    single = attach_masks(hf_model, hf_names(d), cfg, seed=3, levels=levels)
+    for name, mask in single.items():
+        nm = levels[name]
+        assert full[f"{name}.weight"].shape[-2:] == (mask.logits.shape[1], math.comb(nm.m, nm.n)), name
+        assert torch.equal(full[f"{name}.weight"], mask.logits.detach()), name
+    hard = gathered(per_rank, d, tp, lambda m: m.hard_mask())
+    for name, nm in levels.items():
+        assert is_nm(hard[f"{name}.weight"], nm), name
+
+
+def test_fused_linears_with_different_levels_are_refused_by_name():
+    d = dims()
+    levels = {**plan_levels(d), "model.layers.0.self_attn.k_proj": NM24}
+    lay = layout(1, 0)
+    with pytest.raises(PlanError, match=r"fuses into decoder\.layers\.0\.self_attention\.linear_qkv different levels "
+                                        r"\(model\.layers\.0\.self_attn\.q_proj 4:8, model\.layers\.0\.self_attn\.k_proj"
+                                        r" 2:4, .*give them one level"):
+        attach_sharded_masks(stage_model(d, lay), d, lay, MaskLLMConfig(sparsity="2:4"), levels=levels)
+
+
+def test_a_levels_m_must_tile_the_tp_shard():
+    d = dims(ffn=136)  # down_proj: 68 columns per rank at TP=2, a multiple of 4 but not of 8
+    levels = {**plan_levels(d), "model.layers.1.mlp.down_proj": NM(4, 8)}
+    lay = layout(2, 0)
+    with pytest.raises(SparsityPatternError, match=r"decoder\.layers\.1\.mlp\.linear_fc2 .*68 columns per rank, not "
+                                                   r"a multiple of M=8"):
+        attach_sharded_masks(stage_model(d, lay), d, lay, MaskLLMConfig(sparsity="2:4"), levels=levels)

@@ -136,3 +136,47 @@ def test_parallel_sizes_are_validated_with_a_fix():
     with pytest.raises(ValueError, match="micro_batches=4 and train.grad_accum=2"):
         DistributedLearnConfig.model_validate({"parallel": {"micro_batches": 4}, "train": {"grad_accum": 2}})
     assert DistributedLearnConfig.model_validate({"parallel": {"micro_batches": 4}}).num_microbatches == 4
+
+
+def test_a_mixed_plan_learns_each_layers_level_on_tensor_parallel_ranks(uninterrupted, tiny_llama_dir, tmp_path):
+    """`compressor launch` with a sparsity plan: 4:8 attention (q, k, v fused: one level), layer 1's down
+    projection 1:4, the rest 2:4, on TP=2; the outputs carry each layer's level."""
+    import yaml
+
+    from compressor.checkpoints.logits import logits_levels
+    from compressor.checkpoints.masks import mask_file_levels
+    from compressor.sparsity import is_nm
+    from compressor.sparsity.plan import SparsityPlan
+
+    text, _ = uninterrupted
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"default": "2:4", "layers": {r".*self_attn\..*_proj": "4:8",
+                                                                 "model.layers.1.mlp.down_proj": "1:4"}}))
+    data = make_cfg(tiny_llama_dir, text, 2, tensor=2).model_dump(mode="json", exclude_unset=True)
+    data["maskllm"].pop("sparsity")
+    data["sparsity_plan"] = str(plan)
+    out = tmp_path / "mixed"
+    run_ranks(train, 2, DistributedLearnConfig.model_validate(data), str(out))
+
+    def level(name: str) -> NM:
+        return NM(4, 8) if "self_attn" in name else NM(1, 4) if "layers.1.mlp.down" in name else NM(2, 4)
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"] == "mixed" and report["pattern_ok"] is True
+    masks, logits = load_masks(out / "masks.safetensors"), load_logits(out / "logits.safetensors")
+    assert len(masks) == 14
+    for name, mask in masks.items():
+        assert is_nm(mask, level(name)), name
+        assert torch.equal(logits_to_masks({name: logits[name]}, level(name))[name], mask), name
+    assert mask_file_levels(out / "masks.safetensors") == logits_levels(out / "logits.safetensors") == \
+        {n: level(n) for n in masks}
+    assert set(SparsityPlan.load(out / "plan.json").layers) == {n[: -len(".weight")] for n in masks}
+    assert (out / "plots" / "levels.png").stat().st_size > 1000 and report["plan"]["uniform"] is False
+    # the finished run continues with more steps: its plan.json (now the full listing) holds the same levels
+    data["train"]["steps"] = 3
+    run_ranks(train, 2, DistributedLearnConfig.model_validate(data), str(out))
+    assert [r["step"] for r in json.loads((out / "report.json").read_text())["history"]["logs"]] == [1, 2, 3]
+    plan.write_text(yaml.safe_dump({"default": "2:4"}))
+    data["train"]["steps"] = 4
+    with pytest.raises(Exception, match="the sparsity plan .* differs from the one the run started with"):
+        run_ranks(train, 2, DistributedLearnConfig.model_validate(data), str(out))

@@ -88,7 +88,3 @@ def test_plan_config_rules(tmp_path):
         validate_config(LearnConfig, {"sparsity_plan": "p.yaml", "maskllm": {"sparsity": "2:4"}})
     with pytest.raises(ConfigError, match="sparsity_plan applies to method.kind maskllm only"):
         validate_config(LearnConfig, {"sparsity_plan": "p.yaml", "method": {"kind": "srste"}, "prior": {}})
-    from compressor.parallel.config import DistributedLearnConfig
-
-    with pytest.raises(ConfigError, match="not supported yet with `compressor launch`.*use `compressor learn`"):
-        validate_config(DistributedLearnConfig, {"sparsity_plan": "p.yaml"})
