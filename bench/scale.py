@@ -5,8 +5,9 @@ SparseGPT 2:4 prune time and peak RSS with ``model.lazy: true`` (block by block,
 MaskLLM step time and peak RSS (a short single-process `compressor learn` from the prune run's masks),
 perplexity dense / 2:4 on wiki.test.raw (../shared/BENCHMARK.md, all 589 windows unless --max-windows),
 and the size of `compressor export`'s compressed 2:4 folder. Every step is its own CLI process, so each
-peak RSS (report.json ``memory.peak_rss_bytes``, ru_maxrss) is that step's alone. Each measured peak sits
-next to ``compressor.parallel.process_memory``'s prediction for the same run (flagged beyond 15%); a run
+peak RSS (report.json ``memory.peak_rss_bytes``, VmHWM; per phase in ``peak_rss_bytes_by_phase``) is that
+step's alone. Each measured peak sits next to ``compressor.parallel.process_memory``'s prediction for the
+same run (flagged beyond 15%); a run
 predicted not to fit in memory (--max-rss-gib) is skipped and shows its prediction only. Power laws
 cost = c x params^k are fitted over the sizes and extrapolated to 7B and 15B.
 
@@ -116,7 +117,8 @@ def measure_size(name: str, source: str, a: argparse.Namespace, out: Path, limit
             *sets(prune_settings(source, a))), prune_dir / "report.json", a.reuse)
     report = json.loads((prune_dir / "report.json").read_text())
     row.update(prune_seconds=report["timing"]["prune_seconds"], prune_peak_gib=report["memory"]["peak_rss_bytes"] / GIB,
-               mean_layer_error=report["summary"]["mean_layer_error"], pattern_ok=report["summary"]["pattern_ok"])
+               mean_layer_error=report["summary"]["mean_layer_error"], pattern_ok=report["summary"]["pattern_ok"],
+               prune_peak_by_phase_gib=_phase_gib(report))
 
     for which, model in (("dense", source), ("pruned", str(prune_dir))):
         path = out / f"eval-{which}.json"
@@ -135,8 +137,16 @@ def measure_size(name: str, source: str, a: argparse.Namespace, out: Path, limit
             "--overwrite", *sets(learn_settings(source, prune_dir, a))), learn_dir / "report.json", a.reuse)
     report = json.loads((learn_dir / "report.json").read_text())
     row.update(learn_step_seconds=step_seconds(report), learn_peak_gib=report["memory"]["peak_rss_bytes"] / GIB,
-               learn_tokens_per_second=report["history"]["logs"][-1]["tokens_per_second"])
+               learn_tokens_per_second=report["history"]["logs"][-1]["tokens_per_second"],
+               learn_peak_by_phase_gib=_phase_gib(report))
     return row
+
+
+def _phase_gib(report: dict) -> Optional[dict[str, float]]:
+    """Where the step's memory peaked (report.json ``memory.peak_rss_bytes_by_phase``): a gap between the
+    predicted and the measured peak shows up in the phase that holds it."""
+    peaks = report["memory"].get("peak_rss_bytes_by_phase")
+    return {k: round(v / GIB, 3) for k, v in peaks.items()} if peaks else None
 
 
 def add_ratios(row: dict[str, Any]) -> None:
