@@ -160,6 +160,27 @@ def row_of(arm: str, report: dict, sgpt: Path, out: Path) -> dict:
             "train_seconds": report["timing"].get("train"), "evals": report["history"]["evals"]}
 
 
+# Settings that do not change what an arm measures (which arms run, where runs and results go).
+NOT_MEASURED = ("arms", "reuse", "keep_rows", "out", "results")
+
+
+def kept_rows(path: Path, args: argparse.Namespace, scores: dict) -> dict[str, dict]:
+    """The earlier results' rows of arms not run now, when every measured setting and both references
+    (dense and SparseGPT perplexity) are the same; else nothing, and why."""
+    if not path.is_file():
+        return {}
+    before = json.loads(path.read_text())
+    now = {k: v for k, v in vars(args).items() if k not in NOT_MEASURED}
+    then = {k: v for k, v in before["settings"].items() if k not in NOT_MEASURED}
+    same_refs = all(before[f"{k}_perplexity"]["perplexity"] == scores[k]["perplexity"] for k in ("dense", "sparsegpt"))
+    if now != then or not same_refs:
+        differ = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+        print(f"--keep-rows: {path} was made with other settings ({', '.join(differ) or 'the references'}); "
+              "its rows are not kept")
+        return {}
+    return {arm: row for arm, row in before["rows"].items() if arm not in args.arms}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -181,6 +202,9 @@ def main() -> None:
     ap.add_argument("--final-windows", type=int, default=0, help="windows of the final score; 0: all (589)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="override for every training arm")
     ap.add_argument("--reuse", action="store_true", help="keep an arm's finished run (its report.json) as it is")
+    ap.add_argument("--keep-rows", action="store_true",
+                    help="keep the rows of arms not run now from the results JSON, when it was made with the same "
+                         "settings (all but --arms): add arms to a table without running the others again")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-sparse-training"))
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"), help="folder of the JSON and the PNG")
     args = ap.parse_args()
@@ -205,14 +229,16 @@ def main() -> None:
     curve_sgpt = scores["sparsegpt"]["perplexity"] if same else perplexity(str(sgpt / "model"), args.eval_windows)["perplexity"]
     curve_dense = scores["dense"]["perplexity"] if same else perplexity(args.model, args.eval_windows)["perplexity"]
 
+    kept = kept_rows(results_dir / "sparse_training.json", args, scores) if args.keep_rows else {}
+    rows = {**kept, **rows}
     table = [["arm", "ppl", "gap closed", "tokens/s", "peak RSS GiB", "fwd FLOPs", "bwd FLOPs", "change vs start",
               "change vs SparseGPT"]]
     table.append(["dense (no training)", dense_ppl, 1.0, None, None, None, None, None, None])
     table.append(["sparsegpt (one-shot)", sgpt_ppl, 0.0, None, round(sgpt_report["memory"]["peak_rss_bytes"] / 2**30, 3),
                   None, None, None, 0.0])
     for arm, r in rows.items():
-        r["perplexity"] = scores[arm]
-        ppl = scores[arm]["perplexity"]
+        r["perplexity"] = scores.get(arm) or r["perplexity"]
+        ppl = r["perplexity"]["perplexity"]
         r["gap_closed_vs_sparsegpt"] = (sgpt_ppl - ppl) / (sgpt_ppl - dense_ppl) if sgpt_ppl != dense_ppl else None
         table.append([arm, ppl, r["gap_closed_vs_sparsegpt"], r["tokens_per_second"], r["peak_rss_gib"],
                       r["forward_flops_vs_dense"], r["backward_flops_vs_dense"], r["mask_change_vs_start"],
@@ -235,7 +261,8 @@ def main() -> None:
                "training tokens", f"perplexity (first {args.eval_windows} windows)", logy=True)
     result = {"protocol": "../shared/BENCHMARK.md; final perplexity over "
                           f"{windows} windows, the curve over the first {args.eval_windows}",
-              "settings": vars(args), "dense_perplexity": scores["dense"], "sparsegpt_perplexity": scores["sparsegpt"],
+              "settings": {**vars(args), "arms": ["sparsegpt", *rows]}, "dense_perplexity": scores["dense"],
+              "sparsegpt_perplexity": scores["sparsegpt"],
               "sparsegpt_prune_seconds": sgpt_report["timing"].get("prune_seconds"), "rows": rows, "table": markdown}
     (results_dir / "sparse_training.json").write_text(json.dumps(result, indent=2))
 

@@ -34,7 +34,7 @@ from compressor.search.repair import RepairError, snap
 from compressor.search.report import plot_fitness, plot_levels, plot_sensitivity, search_markdown
 from compressor.search.scoring import Scorer, ScoringSpec, all_tokens, assembler, final_hidden, forget_models
 from compressor.sparsity.plan import layer_shapes, level_sparsity
-from compressor.utils.fs import atomic_write_json, read_json
+from compressor.utils.fs import atomic_save_safetensors, atomic_write_json, read_json
 from compressor.utils.logging import get_logger
 from compressor.utils.run_folder import run_folder
 from compressor.utils.timing import PhaseTimer
@@ -91,7 +91,7 @@ def _search(cfg: SearchConfig, out: Path, on_generation) -> dict[str, Any]:
                                    cfg.owl.ms, c.batch_size, cfg.precision)
         report["database"] = {"root": "database", "solved": built.solved, "skipped": built.skipped}
         with timer.phase("dense"):
-            hidden = final_hidden(model, fit_ids, f.batch_size, cfg.precision) if f.kind == "kl" else None
+            hidden = _dense_hidden(model, fit_ids, cfg, out) if f.kind == "kl" else None
         loaded.model = model = None  # the dense model's work is done; scoring assembles its own
         spec = ScoringSpec(cfg.model, db, space.names, f.kind, cfg.precision, f.batch_size)
         scorer = Scorer(executor, spec, fit_ids, hidden, f.windows_per_job)
@@ -125,7 +125,29 @@ def _search(cfg: SearchConfig, out: Path, on_generation) -> dict[str, Any]:
     report["outputs"] = {"plans": {k: r["plan"] for k, r in results.items()},
                          "plots": _plots(out, results, best, space, sensitivity, f.kind)}
     report["timing"] = timer.as_dict()
-    return finish_report(out, report, search_markdown, timer)
+    report = finish_report(out, report, search_markdown, timer)
+    (out / DENSE_HIDDEN).unlink(missing_ok=True)
+    return report
+
+
+DENSE_HIDDEN = "dense_hidden.safetensors"  # work state of an unfinished search, removed at its end
+
+
+def _dense_hidden(model, fit_ids, cfg: SearchConfig, out: Path):
+    """The dense model's final hidden states on the fitness windows (KL's reference), kept in the run
+    folder so that a resumed search does not run the dense model over them again (the config, which fixes
+    them, is held on resume)."""
+    from safetensors.torch import load_file
+
+    path = out / DENSE_HIDDEN
+    if path.is_file():
+        hidden = load_file(str(path)).get("hidden")
+        if hidden is not None and tuple(hidden.shape[:2]) == tuple(fit_ids.shape):
+            log.info("dense hidden states of the %d fitness windows from %s", fit_ids.shape[0], path)
+            return hidden
+    hidden = final_hidden(model, fit_ids, cfg.fitness.batch_size, cfg.precision)
+    atomic_save_safetensors({"hidden": hidden.contiguous()}, path)
+    return hidden
 
 
 def _sensitivity(model, space: SearchSpace, windows, cfg: SearchConfig, out: Path) -> dict[str, float]:

@@ -76,7 +76,7 @@ def test_search_writes_plans_at_the_exact_target(tmp_path, tiny_llama_dir, text_
     assert (tmp_path / "page" / "perplexity.png").stat().st_size > 1000
 
 
-def test_a_stopped_search_resumes_to_the_same_plan(tmp_path, tiny_llama_dir, text_file):
+def test_a_stopped_search_resumes_to_the_same_plan(tmp_path, tiny_llama_dir, text_file, monkeypatch):
     cfg = load_config(SearchConfig, _config(tmp_path, tiny_llama_dir, text_file, searches=["msp"]),
                       ["evolution.generations=3"])
     calls = []
@@ -89,9 +89,15 @@ def test_a_stopped_search_resumes_to_the_same_plan(tmp_path, tiny_llama_dir, tex
     with pytest.raises(KeyboardInterrupt):
         run_search(cfg, tmp_path / "stopped", on_generation=stop_after_two)
     assert calls == [1, 2] and not (tmp_path / "stopped" / "report.json").exists()
+    assert (tmp_path / "stopped" / "dense_hidden.safetensors").is_file()
     calls.clear()
+    import compressor.runs.search as search
+
+    monkeypatch.setattr(search, "final_hidden", lambda *a, **k: pytest.fail("the dense model ran again"))
     resumed = run_search(cfg, tmp_path / "stopped", resume=True, on_generation=lambda r, g: calls.append(g))
-    assert calls == [3]  # generations 1 and 2 came from the checkpoint
+    monkeypatch.undo()
+    assert calls == [3]  # generations 1 and 2 came from the checkpoint, the dense states from the run folder
+    assert not (tmp_path / "stopped" / "dense_hidden.safetensors").exists()  # work state, gone with the finish
     whole = run_search(cfg, tmp_path / "whole")
     assert ((tmp_path / "stopped" / "plans" / "msp-s0.yaml").read_text()
             == (tmp_path / "whole" / "plans" / "msp-s0.yaml").read_text())
