@@ -76,14 +76,19 @@ def evaluate(model, windows: torch.Tensor, cfg: EvalConfig, note: Optional[str],
     return result
 
 
+def memory_record(timer: Optional[PhaseTimer] = None) -> dict[str, Any]:
+    """report.json's ``memory``: this process's peak RSS and, where measured, ``timer``'s peak per phase."""
+    record: dict[str, Any] = {"peak_rss_bytes": peak_rss_bytes()}
+    if timer is not None and timer.peak_rss_by_phase():
+        record["peak_rss_bytes_by_phase"] = timer.peak_rss_by_phase()
+    return record
+
+
 def finish_report(out: Path, report: dict[str, Any], markdown: Optional[Callable[[dict], str]] = None,
                   timer: Optional[PhaseTimer] = None) -> dict[str, Any]:
     """Add environment and memory (this process's peak, and per phase of ``timer``), write report.md, and
     report.json last: it marks a finished run."""
-    memory = report.setdefault("memory", {})
-    memory["peak_rss_bytes"] = peak_rss_bytes()
-    if timer is not None and timer.peak_rss_by_phase():
-        memory["peak_rss_bytes_by_phase"] = timer.peak_rss_by_phase()
+    report.setdefault("memory", {}).update(memory_record(timer))
     report["environment"] = environment_info()
     if markdown is not None:
         atomic_write_text(out / "report.md", markdown(report))

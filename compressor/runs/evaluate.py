@@ -12,8 +12,8 @@ from compressor.config.base import StrictModel, input_paths
 from compressor.eval.config import EvalConfig
 from compressor.eval.runner import check_tasks_available, run_tasks
 from compressor.models.config import ModelConfig
-from compressor.runs.common import evaluate, eval_windows_for
-from compressor.utils.env import environment_info, peak_rss_bytes
+from compressor.runs.common import evaluate, eval_windows_for, memory_record
+from compressor.utils.env import environment_info
 from compressor.utils.fs import atomic_write_json
 from compressor.utils.run_folder import check_output_file
 from compressor.utils.timing import PhaseTimer
@@ -72,8 +72,7 @@ def run_eval(cfg: EvalRunConfig, output: Optional[str | Path] = None, overwrite:
             windows, note = eval_windows_for(cfg.evaluation, loaded.tokenizer)
             report["perplexity"] = evaluate(loaded.model, windows, cfg.evaluation, note, "perplexity").as_dict()
         report["evaluation"] = run_tasks(loaded.model, loaded.tokenizer, cfg.evaluation, report.get("perplexity"))
-    report.update(timing=timer.as_dict(), environment=environment_info(),
-                  memory={"peak_rss_bytes": peak_rss_bytes(), "peak_rss_bytes_by_phase": timer.peak_rss_by_phase()})
+    report.update(timing=timer.as_dict(), environment=environment_info(), memory=memory_record(timer))
     if output is not None:
         atomic_write_json(output, report)
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -97,14 +98,20 @@ def release_freed_memory() -> bool:
     """Hand the C heap's freed pages back to the OS (glibc ``malloc_trim``). Tokenizing a file leaves many
     small freed blocks that glibc keeps; without this they stay in the RSS of the whole run. False where
     the C library has no such call."""
+    libc = _libc()
+    return bool(libc.malloc_trim(0)) if libc is not None and hasattr(libc, "malloc_trim") else False
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library, loaded once (None where it cannot be loaded)."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def flush_denormals() -> None:
