@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from results_io import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
@@ -162,8 +163,7 @@ def main() -> None:
               "settings": {k: v for k, v in vars(args).items() if k != "rank_entry"}, "rows": rows,
               "ray_vs_torchrun": ray_vs_torchrun}
     path = ROOT / "bench" / "results" / "distributed.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    write_results(path, result)
     print(f"wrote {path}")
 
 

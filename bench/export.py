@@ -12,12 +12,12 @@ decompression) the same ways. Prints a table and writes bench/results/export.jso
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from results_io import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -116,7 +116,7 @@ def main() -> None:
            "sizes": sizes, "export": export_rows, "load": load_rows,
            "note": "best of `repeats` runs; the machine has 2 CPU cores shared with other work"}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    write_results(args.json, out)
     print(f"wrote {args.json}")
 
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from results_io import read_results, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "learn" / "smollm2_wikitext.yaml"
@@ -145,11 +146,11 @@ def main() -> None:
         ratio = step_ratio(args.seq_len, args.micro_batch, args.ratio_only or [1, 2, 4, 8])
         print(json.dumps(ratio, indent=2))
         path = ROOT / "bench" / "results" / "maskllm.json"
-        results = json.loads(path.read_text()) if path.is_file() else {}
+        results = read_results(path)
         default = (args.seq_len, args.micro_batch) == (ap.get_default("seq_len"), ap.get_default("micro_batch"))
         key = "step_ratio" if default else f"step_ratio_seq{args.seq_len}_mb{args.micro_batch}"
         results[key] = {"seq_len": args.seq_len, "micro_batch": args.micro_batch, **ratio}
-        path.write_text(json.dumps(results, indent=2))
+        write_results(path, results)
         return
     if not args.prior_run:
         ap.error("--prior-run is required (a `compressor prune` run folder whose masks start the logits)")
@@ -158,7 +159,7 @@ def main() -> None:
               f"train.grad_accum={args.grad_accum}", *args.sets,
               f"train.eval_every={args.eval_every}", f"train.checkpoint_every={args.eval_every}",
               f"evaluation.max_windows={args.eval_windows}"]
-    priors = {"sparsegpt-prior": [f"prior.kind=file", f"prior.path={args.prior_run}"], "no-prior": ["prior.kind=none"]}
+    priors = {"sparsegpt-prior": ["prior.kind=file", f"prior.path={args.prior_run}"], "no-prior": ["prior.kind=none"]}
     prior_report = json.loads((Path(args.prior_run) / "report.json").read_text())
     results = {}
     for row in args.rows:
@@ -221,7 +222,7 @@ def main() -> None:
     out.update({k: v for k, v in earlier.items() if k.startswith("step_ratio")})  # measured on their own (--ratio-only)
     if "full_eval_589_windows" in earlier:
         out["full_eval_589_windows"] = earlier["full_eval_589_windows"]  # measured with `compressor eval`
-    json_path.write_text(json.dumps(out, indent=2))
+    write_results(json_path, out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from results_io import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SGPT70, N8 = "configs/search/msp_sparsegpt_70.yaml", "configs/search/msp_n8_75.yaml"
@@ -251,7 +252,7 @@ def main() -> None:
                      "speed": scoring_speed(speed_run, [1, 2], args.speed_candidates, args.speed_windows)})
     print_table(rows)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"protocol": "../shared/BENCHMARK.md", "results": rows}, indent=2))
+    write_results(args.json, {"protocol": "../shared/BENCHMARK.md", "results": rows})
     _plot(rows, Path(args.json).with_suffix(".png"))
     print(f"wrote {args.json}")
 

@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from results_io import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = {  # BENCHMARK.md, official implementations, same protocol and machine class
@@ -103,7 +104,7 @@ def main() -> None:
               f"{r['mean_layer_error']:9.4f} {r.get('error_vs_wanda', float('nan')):8.3f} {r['prune_seconds']:8.1f} "
               f"{(r['solve_seconds'] or 0):8.1f} {r['peak_rss_gib']:7.2f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"protocol": "../shared/BENCHMARK.md", "results": results}, indent=2))
+    write_results(args.json, {"protocol": "../shared/BENCHMARK.md", "results": results})
     print(f"wrote {args.json}")
 
 

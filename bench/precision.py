@@ -5,6 +5,7 @@ run one after the other on the same machine, every perplexity evaluated in float
     python bench/precision.py prune --max-windows 64 --rows sparsegpt
     python bench/precision.py gram                  # Gram error of each statistics setting against float64
     python bench/precision.py maskllm --prior-run runs/sgpt-mask --steps 30
+    python bench/precision.py emulation             # bf16 products on a CPU without bf16 units
 
 prune: settings fp32 (compute float32, statistics float64), bf16 (compute bfloat16, statistics float64) and
 bf16-stats (compute bfloat16, statistics bfloat16); columns: prune seconds (calibrate + solve), mean layer
@@ -12,6 +13,9 @@ error (against the dense model's inputs, float64), perplexity, peak RSS, ratios 
 gram: the relative Frobenius error of the Gram matrices of the first blocks' real calibration inputs.
 maskllm: the shipped recipe (configs/learn/smollm2_wikitext.yaml) from the same prior for --steps steps in
 each precision: training tokens/s, hard-mask perplexity against tokens, peak RSS.
+emulation: one forward + backward of the dense model under bf16 autocast, with torch's own bf16 kernels and
+with EmulatedBF16Products (float32 GEMMs of bf16 operands), against float32; seconds and the loss and
+gradient agreement with the native bf16 path. On bf16 hardware the native path is the one that runs.
 Writes bench/results/precision.json (one entry per part) and precision_maskllm.png.
 """
 
@@ -22,6 +26,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from results_io import read_results, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "precision.json"
@@ -38,10 +43,9 @@ def _run(cmd: list[str]) -> None:
 
 
 def _save(part: str, value: dict) -> None:
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"protocol": "../shared/BENCHMARK.md"}
+    results = read_results(RESULTS) or {"protocol": "../shared/BENCHMARK.md"}
     results[part] = value
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(RESULTS, results)
     print(f"wrote {RESULTS} ({part})")
 
 
@@ -159,6 +163,48 @@ def maskllm(args) -> None:
     _save("maskllm", {"steps": args.steps, "prior_run": args.prior_run, "rows": rows})
 
 
+def emulation(args) -> None:
+    import time
+    from contextlib import nullcontext
+
+    import torch
+
+    from compressor.models import load_model
+    from compressor.precision import EmulatedBF16Products, bf16_hardware
+
+    loaded = load_model("smollm2-135m")
+    model = loaded.model
+    text = (ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens").read_text()[: 50 * args.batch * args.seq_len]
+    ids = torch.tensor(loaded.tokenizer(text, add_special_tokens=False)["input_ids"][: args.batch * args.seq_len])
+    ids = ids.reshape(args.batch, args.seq_len)
+    paths = {"float32": (False, nullcontext), "bf16 (torch kernels)": (True, nullcontext),
+             "bf16 (emulated: float32 GEMMs of bf16 operands)": (True, EmulatedBF16Products)}
+    rows, grads = [], {}
+    for name, (bf16, context) in paths.items():
+        seconds = []
+        for _ in range(args.repeats if "torch kernels" not in name else 1):
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            with context():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss.float()
+                loss.backward()
+            seconds.append(time.perf_counter() - start)
+            print(f"{name}: {seconds[-1]:.2f} s, loss {loss.item():.5f}", flush=True)
+        grads[name] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        rows.append({"path": name, "seconds": min(seconds), "runs": len(seconds), "loss": loss.item(),
+                     "tokens_per_s": ids.numel() / min(seconds)})
+    native, emulated = grads[list(paths)[1]], grads[list(paths)[2]]
+    for row in rows:
+        row["speed_vs_float32"] = rows[0]["seconds"] / row["seconds"]
+    result = {"model": "smollm2-135m", "tokens": list(ids.shape), "bf16_hardware": bf16_hardware(), "rows": rows,
+              "emulated_vs_native": {"loss_rel": abs(rows[2]["loss"] - rows[1]["loss"]) / rows[1]["loss"],
+                                     "grad_cosine": float(torch.nn.functional.cosine_similarity(native.double(), emulated.double(), dim=0)),
+                                     "grad_rel": float((emulated - native).norm() / native.norm())}}
+    print(json.dumps(result, indent=2))
+    _save("emulation", result)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="part", required=True)
@@ -180,8 +226,12 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-precision"))
     p.add_argument("--reuse", action="store_true")
     p.add_argument("--set", action="append", default=[])
+    p = sub.add_parser("emulation")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="runs of the float32 and emulated paths (best kept)")
     args = ap.parse_args()
-    {"prune": prune, "gram": gram, "maskllm": maskllm}[args.part](args)
+    {"prune": prune, "gram": gram, "maskllm": maskllm, "emulation": emulation}[args.part](args)
 
 
 if __name__ == "__main__":

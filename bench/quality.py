@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
+from results_io import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_TEXT = str(ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.test.raw")
@@ -179,7 +180,7 @@ def main() -> None:
                            f"{next(iter(rows.values()))['wiki_windows']} windows, corpus:heldout over "
                            f"{args.heldout_windows}, harness tasks" + (f" (first {args.limit} docs)" if args.limit else " (full)"),
                "settings": vars(args), "rows": rows, "table": table}
-    json_path.write_text(json.dumps(summary, indent=2))
+    write_results(json_path, summary)
     plot_task_bars({label: r["tasks"] for label, r in rows.items()}, json_path.with_suffix(".png"),
                    "SmolLM2-135M 2:4: task scores (± standard error)")
     if zero_shot:

@@ -18,7 +18,6 @@ Settings are interleaved repeat by repeat and the medians reported (this host is
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Callable
 import torch
 
 from compressor.precision import Precision, bf16_hardware
+from results_io import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = {"float32": Precision(), "bfloat16": Precision(compute="bfloat16", statistics="bfloat16")}
@@ -183,8 +183,7 @@ def main() -> None:
     result = {"protocol": "../shared/BENCHMARK.md shapes (SmolLM2-135M)", "threads": torch.get_num_threads(),
               "bf16_hardware": bf16_hardware(), "gemm_limit_gflops": limits, "stages": rows}
     print("GEMM limits (GFLOP/s):", limits)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.json, result)
     _plot(result, Path(args.json).with_suffix(".png"))
     print(f"wrote {args.json}")
 

@@ -38,6 +38,7 @@ from compressor.parallel.memory_plan import GIB, PRESETS, dims_for_source  # noq
 from compressor.parallel.process_memory import (  # noqa: E402
     LEARN_BASELINE, PRUNE_BASELINE, LearnSetup, PruneSetup, predict_learn, predict_prune,
 )
+from results_io import write_results  # noqa: E402
 
 DATA = "../shared/data/wikitext-2"  # relative to the repository root, where every step runs
 SIZES = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
@@ -302,10 +303,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     fitted = fits(rows)
     settings = {k: getattr(a, k) for k in ("calib_windows", "seq_len", "steps", "micro_batch", "max_windows")}
     settings["malloc_env"] = dict(RUN_ENV)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"protocol": "../shared/BENCHMARK.md", "settings": settings,
-                                     "baselines_mib": {"prune": PRUNE_BASELINE / 2**20, "learn": LEARN_BASELINE / 2**20},
-                                     "results": rows, "fits": fitted}, indent=2))
+    write_results(json_path, {"protocol": "../shared/BENCHMARK.md", "settings": settings,
+                              "baselines_mib": {"prune": PRUNE_BASELINE / 2**20, "learn": LEARN_BASELINE / 2**20},
+                              "results": rows, "fits": fitted})
     plot(rows, fitted, plot_path)
     print(table(rows))
     for key, f in fitted.items():

@@ -12,7 +12,6 @@ Writes bench/results/solve_stage.json and bench/results/solve_stage.png (seconds
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import statistics
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from results_io import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"self_attn.q_proj": (576, 576, "attn_in"), "self_attn.k_proj": (192, 576, "attn_in"),
@@ -103,7 +103,7 @@ def main() -> None:
     out = {"what": "SparseGPT 2:4, one SmolLM2-135M-shaped block, _solve_block", "repeats": args.repeats,
            "seconds": rows, "median_seconds": medians, "speedup_2_vs_1": round(speedup, 3),
            "speedup_per_round": [round(r, 3) for r in ratios]}
-    (ROOT / "bench" / "results" / "solve_stage.json").write_text(json.dumps(out, indent=2))
+    write_results(ROOT / "bench" / "results" / "solve_stage.json", out)
     from compressor.reporting.plots import plot_lines
 
     plot_lines({k: list(enumerate(v, 1)) for k, v in rows.items()}, ROOT / "bench" / "results" / "solve_stage.png",

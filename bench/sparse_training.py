@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from results_io import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
@@ -264,7 +265,7 @@ def main() -> None:
               "settings": {**vars(args), "arms": ["sparsegpt", *rows]}, "dense_perplexity": scores["dense"],
               "sparsegpt_perplexity": scores["sparsegpt"],
               "sparsegpt_prune_seconds": sgpt_report["timing"].get("prune_seconds"), "rows": rows, "table": markdown}
-    (results_dir / "sparse_training.json").write_text(json.dumps(result, indent=2))
+    write_results(results_dir / "sparse_training.json", result)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from results_io import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["perplexity", "zero_shot", "lambada", "mmlu", "triviaqa", "nq_open", "squad_context"]
@@ -150,7 +151,7 @@ def main() -> None:
 
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(summary, indent=2))
+    write_results(json_path, summary)
     chart = plot_task_bars({r["row"]: r["tasks"] for r in results}, json_path.with_suffix(".png"),
                            "SmolLM2-135M 2:4: task scores (± standard error)" + (f", first {args.limit} docs" if args.limit else ""))
     print(f"wrote {json_path}" + (f" and {chart}" if chart else ""))

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from results_io import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "learn" / "smollm2_wikitext.yaml"
@@ -74,7 +75,7 @@ def main() -> None:
             f"learned on WikiText, fine-tuned ({tokens} tokens)": evals[-1]["perplexity"]}
     control = None
     if args.control:  # the same budget on the domain, from the SparseGPT prior with the usual schedule
-        control = learn(Path(args.out + "-from-prior"), [f"prior.kind=file", f"prior.path={args.prior_run}", *common],
+        control = learn(Path(args.out + "-from-prior"), ["prior.kind=file", f"prior.path={args.prior_run}", *common],
                         args.reuse)["history"]["evals"]
         rows[f"from the SparseGPT prior on the domain ({tokens} tokens)"] = control[-1]["perplexity"]
     print(f"\n{DOMAIN} (eval split: {windows} windows of {report['perplexity']['window_length']} tokens)")
@@ -94,7 +95,7 @@ def main() -> None:
               "general_run": args.general, "prior_run": args.prior_run, "settings": vars(args),
               "train_seconds": report["timing"].get("train"),
               "fine_tuned_full_eval": report.get("perplexity")}
-    (ROOT / "bench" / "results" / "transfer.json").write_text(json.dumps(result, indent=2))
+    write_results(ROOT / "bench" / "results" / "transfer.json", result)
 
 
 if __name__ == "__main__":

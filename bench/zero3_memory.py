@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from compressor.utils.env import peak_rss_bytes  # VmHWM: a spawned rank's own peak, not its parent's
+from results_io import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
@@ -124,7 +125,7 @@ def main() -> None:
     result = {"machine": "2 CPU cores, gloo, 2 ranks x 1 thread", "model": model, "smoke": args.smoke,
               "settings": {k: v for k, v in vars(args).items()}, "rows": rows}
     path = results / "zero3_memory.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(path, result)
 
     from compressor.reporting.plots import plot_grouped_bars
 

@@ -4,6 +4,7 @@ detected and a machine without bf16 units still runs everything, and every repor
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 import logging
 
 import pytest
@@ -13,7 +14,7 @@ from compressor.calibration.stats import InputStats
 from compressor.config.base import validate_config
 from compressor.errors import ConfigError
 from compressor.methods.maskllm import MaskLLMConfig, attach_masks, hold_samples, mask_train, set_noise, step_surrogate
-from compressor.precision import Precision, bf16_hardware, log_precision
+from compressor.precision import EmulatedBF16Products, Precision, bf16_hardware, bf16_products, log_precision
 
 BF16 = Precision(compute="bfloat16", statistics="bfloat16")
 
@@ -70,11 +71,85 @@ def test_a_machine_without_bf16_units_runs_and_says_so(monkeypatch, caplog):
         with caplog.at_level(logging.INFO):
             log_precision(BF16, "prune")
         assert "no bf16 matrix hardware" in caplog.text
-        with BF16.autocast():  # emulated, but the same numbers
-            y = torch.nn.functional.linear(torch.randn(3, 8), torch.randn(4, 8))
+        assert isinstance(bf16_products(), EmulatedBF16Products)
+        x, w = torch.randn(3, 8), torch.randn(4, 8)
+        with BF16.autocast():  # a float32 GEMM of the bf16 operands, rounded to bf16
+            y = torch.nn.functional.linear(x, w)
         assert y.dtype == torch.bfloat16
+        assert torch.equal(y, (x.bfloat16().float() @ w.bfloat16().float().T).bfloat16())
     finally:
         precision.bf16_hardware.cache_clear()
+
+
+F = torch.nn.functional
+PRODUCTS = {  # name -> product of leaves made by leaf(*shape)
+    "linear": lambda leaf: F.linear(leaf(2, 16, 48), leaf(24, 48), leaf(24)),
+    "matmul": lambda leaf: torch.matmul(leaf(2, 16, 48), leaf(48, 24)),
+    "@": lambda leaf: leaf(16, 48) @ leaf(48, 24),
+    "bmm": lambda leaf: torch.bmm(leaf(2, 16, 48), leaf(2, 48, 24)),
+    "addmm": lambda leaf: torch.addmm(leaf(24), leaf(16, 48), leaf(48, 24)),
+    "baddbmm": lambda leaf: torch.baddbmm(leaf(2, 16, 24), leaf(2, 16, 48), leaf(2, 48, 24)),
+    "einsum": lambda leaf: torch.einsum("bij,jk->bik", leaf(2, 16, 48), leaf(48, 24)),
+    "sdpa": lambda leaf: F.scaled_dot_product_attention(leaf(2, 3, 16, 8), leaf(2, 3, 16, 8), leaf(2, 3, 16, 8),
+                                                        is_causal=True),
+}
+
+
+@pytest.mark.parametrize("name", list(PRODUCTS))
+@pytest.mark.parametrize("inputs", ["autocast", "bf16 tensors"])
+def test_emulated_bf16_products_give_the_numbers_of_bf16_gemms(name, inputs):
+    """Value and gradients of each product under EmulatedBF16Products equal torch's own bf16 kernel's up to
+    float32 summation order, far below bf16's rounding step (2^-8 relative). Attention is the exception
+    within that step: torch's bf16 kernel rounds its scores and probabilities to bf16 too, the emulation
+    keeps them float32."""
+    results = {}
+    for emulated in (False, True):
+        generator, leaves = torch.Generator().manual_seed(0), []
+
+        def leaf(*shape):
+            t = torch.randn(*shape, generator=generator)
+            leaves.append((t if inputs == "autocast" else t.bfloat16()).requires_grad_())
+            return leaves[-1]
+
+        with EmulatedBF16Products() if emulated else nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inputs == "autocast"):
+                out = PRODUCTS[name](leaf)
+            out.float().square().sum().backward()
+        assert out.dtype == torch.bfloat16
+        results[emulated] = out.detach().float(), [t.grad.float() for t in leaves]
+    (ref, ref_grads), (got, got_grads) = results[False], results[True]
+    tolerance = 2**-8 if name == "sdpa" else 1e-3
+    assert float((got - ref).norm() / ref.norm()) < tolerance, name
+    for a, b in zip(ref_grads, got_grads, strict=True):
+        assert float((b - a).norm() / a.norm()) < 1e-2, name
+
+
+def test_emulation_leaves_float32_and_float64_products_alone():
+    x, w = torch.randn(16, 48), torch.randn(48, 24)
+    with EmulatedBF16Products():
+        assert torch.equal(x @ w, torch.mm(x, w)) and (x @ w).dtype == torch.float32
+        assert (x.double() @ w.double()).dtype == torch.float64
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert (x.double() @ w.double()).dtype == torch.float64  # autocast does not touch float64 either
+
+
+def test_a_tiny_llama_learns_alike_on_emulated_and_native_bf16_products(tiny_llama_dir):
+    """A forward and backward of a whole model under bf16 autocast: the emulated path's loss and gradients
+    are the bf16 kernel's within bf16 rounding."""
+    from compressor.models import load_model
+
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for emulated in (False, True):
+        model = load_model(str(tiny_llama_dir)).model
+        with EmulatedBF16Products() if emulated else nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss.float()
+            loss.backward()
+        out[emulated] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert out[True][0] == pytest.approx(out[False][0], rel=2e-3)
+    a, b = out[False][1], out[True][1]
+    assert float(F.cosine_similarity(a, b, dim=0)) > 0.999
 
 
 @pytest.mark.parametrize("sample_every", ["step", "micro_batch"])

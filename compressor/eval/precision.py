@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from compressor.errors import ConfigError
-from compressor.precision import DTYPES
+from compressor.precision import DTYPES, bf16_products
 from compressor.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -30,7 +30,13 @@ def eval_precision(model: nn.Module, dtype: str) -> Iterator[nn.Module]:
     as wide as every tensor (exact both ways; each tensor gets its own dtype back, so a model whose frozen
     weights are held in bf16 beside float32 ones stays as it was); otherwise a cast copy, so that the
     run's own weights never lose precision."""
-    target = DTYPES[dtype]
+    with bf16_products(next(model.parameters()).device) if dtype == "bfloat16" else nullcontext():
+        with _in_dtype(model, DTYPES[dtype], dtype) as evaluated:
+            yield evaluated
+
+
+@contextmanager
+def _in_dtype(model: nn.Module, target: torch.dtype, dtype: str) -> Iterator[nn.Module]:
     tensors = _floating(model)
     if all(t.dtype == target for t in tensors):
         yield model

@@ -51,7 +51,7 @@ from compressor.parallel.megatron_model import (
     Layout, build_gpt_model, destroy_model_parallel, init_distributed, init_model_parallel, load_hf_weights,
     open_hf_folder,
 )
-from compressor.precision import DTYPES
+from compressor.precision import DTYPES, bf16_products
 from compressor.methods.maskllm.schedules import schedule_at
 from compressor.reporting.tensorboard import TENSORBOARD_DIR, ScalarWriter
 from compressor.sparsity.plan import ResolvedPlan
@@ -127,9 +127,10 @@ def forward_backward(model, masks: MaskSet, windows: Sequence[torch.Tensor], lam
     batch, length = windows[0].shape
     data = iter([_split_window(w) for w in windows])
     run = get_forward_backward_func()
-    return run(forward_step_func=partial(_forward_step, masks, lam, len(windows)), data_iterator=data, model=model,
-               num_microbatches=len(windows), seq_length=length - 1, micro_batch_size=batch,
-               forward_only=forward_only)
+    with bf16_products():  # bf16 megatron weights on a CPU without bf16 units: float32 GEMMs, same numbers
+        return run(forward_step_func=partial(_forward_step, masks, lam, len(windows)), data_iterator=data,
+                   model=model, num_microbatches=len(windows), seq_length=length - 1, micro_batch_size=batch,
+                   forward_only=forward_only)
 
 
 SAMPLE_EVERY = ("step", "micro_batch")

@@ -52,7 +52,8 @@ def micro_step(model: torch.nn.Module, ids: torch.Tensor, learner: Learner, obje
         loss = learner.micro_loss(objective(outputs, ids).float())
     if loss is not lm_loss:
         check(loss)
-    learner.backward(loss, backend, grad_accum)
+    with precision.products(ids.device):  # custom backward products (BDWP's, the masks') may be bf16
+        learner.backward(loss, backend, grad_accum)
     return lm_loss.detach()
 
 
