@@ -21,6 +21,7 @@ from compressor.checkpoints.streaming import SAFETENSORS_DTYPES
 from compressor.checkpoints.sharded import DTYPES, INDEX_NAME, MANIFEST_NAME, read_manifest, sha256_file
 from compressor.errors import CheckpointError
 from compressor.execution.base import Executor, InProcessExecutor
+from compressor.models.checks import all_finite
 from compressor.models.lazy import read_weight_map
 from compressor.sparsity.nm import NM
 from compressor.sparsity.plan import parse_level
@@ -120,7 +121,7 @@ class CheckpointReader:
         where = f"{self.folder / self.stored.get(name, self.stored.get(compressed_keys(name)['bitmask'], '?'))}: {name}"
         if tuple(tensor.shape) != self._expected[name]:
             raise CheckpointError(f"{where} has shape {tuple(tensor.shape)}, the config's model {self._expected[name]}")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise CheckpointError(f"{where} holds NaN or infinite values: the file is corrupt (this folder has no "
                                   "manifest to check it against); re-export it from its source")
         return tensor

@@ -42,7 +42,10 @@ windows of one forward batch:
   (new weights and bool masks, (a + 1) B per weight) stay until the block is written;
 - masks: the mask of every pruned layer is kept to the end for ``masks.safetensors``, packed
   (``compressor.sparsity.PackedMasks``, 1 bit per weight): at the last block, all earlier blocks';
-- inputs: the calibration windows, N x T x 8 B.
+- inputs: the calibration windows, N x T x 8 B;
+- load: the weights read (lazy: the embedding) and the NaN / inf check over them, in chunks of 2^24
+  values whose float and bool temporaries are (a + 2) B each (a whole-tensor check of Qwen2.5-0.5B's
+  embedding used to add 0.9 GiB: the load peaked at 1.87 GiB, 1.09 with chunks).
 Each layer's error against the dense inputs (``methods.objective.reconstruction_error``) holds float64
 copies of its weight, its pruned weight and their difference, then the difference times the Gram matrix:
 24 B per weight of the largest linear. Writing a block (safetensors serializes a bytes copy of a shard)
@@ -169,6 +172,7 @@ def _solve_peak(dims: ModelDims, a: int) -> float:
 
 def predict_prune(dims: ModelDims, s: PruneSetup = PruneSetup()) -> Estimate:
     """Peak RSS of `compressor prune` (one process, in-process executor), by phase."""
+    from compressor.models.checks import FINITE_CHECK_CHUNK
     a, h, n_tok = s.weight_bytes, dims.hidden, s.num_windows * s.seq_len
     stream = n_tok * h * a
     streams = (s.stats != "none") + s.layer_error
@@ -192,7 +196,12 @@ def predict_prune(dims: ModelDims, s: PruneSetup = PruneSetup()) -> Estimate:
     forward = s.batch_size * s.seq_len * (6 * h + 2 * dims.kv_dim + 3 * dims.intermediate) * a
     results = dims.masked_per_layer() * (a + 1)
     largest = max(o * i for o, i, _ in dims.linear_shapes().values())
+    largest_tensor = max(dims.vocab * h, largest)
     phases: dict[str, dict[str, float]] = {
+        # the load's NaN / inf check of the weights read (``models.checks.all_finite``): isfinite's float and
+        # bool temporaries of one chunk of the largest tensor
+        "load": {"baseline": s.baseline, "weights": embed if s.lazy else dims.total_params() * a,
+                 "finite check": min(largest_tensor, FINITE_CHECK_CHUNK) * (a + 2)},
         "capture": {**common, "embedding": embed, "activation streams": streams * stream, "masks kept": 0},
         "calibrate": {**common, "activation streams": (streams + 1) * stream if streams else 0,
                       "statistics": statistics, "statistics update": 4 * widest * widest if gram_sets else 0,

@@ -16,7 +16,7 @@ import torch
 
 from compressor.checkpoints.masks import MaskReader, load_masks, save_masks
 from compressor.config.base import input_paths
-from compressor.errors import ConfigError, SparsityPatternError
+from compressor.errors import ConfigError
 from compressor.execution.base import InProcessExecutor
 from compressor.methods.maskllm.config import check_pattern_count
 from compressor.methods.registry import get_method, section_options
@@ -246,7 +246,7 @@ def learn_rank(cfg: LearnConfig, output: str | Path) -> Optional[dict[str, Any]]
     scalars = ScalarWriter(out / TENSORBOARD_DIR) if backend.is_main else None
     with timer.phase("train"):
         history = train(model, learner, cfg.train, stream, backend, out / "checkpoints", evaluate_fn,
-                        objective=objective, scalars=scalars, precision=cfg.precision)
+                        objective=objective, scalars=scalars, precision=cfg.precision, phases=timer)
     if scalars is not None:
         scalars.close()
     if not (backend.is_main or backend.partitioned):  # under ZeRO-3 every rank takes part in the gathers below

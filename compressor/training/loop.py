@@ -8,6 +8,7 @@ nor of how ranks are arranged (``backends.py``), nor of where the starting point
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -26,7 +27,7 @@ from compressor.training.learners.base import Learner
 from compressor.training.objective import Objective, next_token
 from compressor.utils.env import flush_denormals
 from compressor.utils.logging import get_logger
-from compressor.utils.timing import WindowClock
+from compressor.utils.timing import PhaseTimer, WindowClock
 
 log = get_logger(__name__)
 
@@ -69,11 +70,14 @@ def train(
     objective: Objective = next_token,
     scalars: Optional[Callable[[Mapping[str, float], int, str], None]] = None,
     precision: Precision = Precision(),
+    phases: Optional[PhaseTimer] = None,
 ) -> History:
     """Train ``learner`` (attached to ``model``) for ``tcfg.steps`` optimizer steps, resuming if possible.
     ``evaluate()`` scores the hard-mask model: ``{"perplexity": ..., "<task>/<metric>": ...}``.
     ``scalars(values, step, prefix)`` also receives every log row and evaluation (e.g. TensorBoard);
-    micro-batches run under ``precision`` (``micro_step``)."""
+    micro-batches run under ``precision`` (``micro_step``). ``phases`` (the run's timer) gets the seconds and
+    peak RSS of the optimizer steps, the curve's evaluations and the checkpoints as phases of their own."""
+    phase = phases.phase if phases is not None else (lambda name: nullcontext())
     history = History()
     start = 0
     flush_denormals()
@@ -105,18 +109,19 @@ def train(
     window_steps, clock = 0, WindowClock()  # throughput counts training only, not evaluation or checkpoints
     for step in range(start, tcfg.steps):
         check = lambda t, s=step: _check_finite(t, s, checkpoint_root, learner.lr_keys)  # noqa: E731
-        schedule = learner.begin_step(step, tcfg.steps)
-        step_loss = torch.zeros((), dtype=torch.float64)
-        for _ in range(tcfg.grad_accum):
-            ids = stream.next_batch(tcfg.micro_batch_size)  # (B, T)
-            lm_loss = micro_step(model, ids, learner, objective, backend, tcfg.grad_accum, check, precision)
-            step_loss += lm_loss.double() / tcfg.grad_accum
-        extra = learner.step_loss()
-        if extra is not None:
-            check(extra)
-            backend.backward(extra)
-        backend.step()
-        learner.after_step()
+        with phase("optimizer steps"):
+            schedule = learner.begin_step(step, tcfg.steps)
+            step_loss = torch.zeros((), dtype=torch.float64)
+            for _ in range(tcfg.grad_accum):
+                ids = stream.next_batch(tcfg.micro_batch_size)  # (B, T)
+                lm_loss = micro_step(model, ids, learner, objective, backend, tcfg.grad_accum, check, precision)
+                step_loss += lm_loss.double() / tcfg.grad_accum
+            extra = learner.step_loss()
+            if extra is not None:
+                check(extra)
+                backend.backward(extra)
+            backend.step()
+            learner.after_step()
         window_loss += backend.all_mean(step_loss)
         window_steps += 1
         done = step + 1
@@ -134,14 +139,16 @@ def train(
         with clock.paused():
             if evaluate is not None and tcfg.eval_every and (done % tcfg.eval_every == 0 or done == tcfg.steps):
                 learner.set_learning(False)
-                scores = evaluate()
+                with phase("curve evaluation"):
+                    scores = evaluate()
                 learner.set_learning(True)
                 history.evals.append({"step": done, "tokens": done * tokens_per_step, **scores})
                 log.info("step %d: hard-mask perplexity %.3f", done, scores["perplexity"])
                 if scalars is not None:
                     scalars(history.evals[-1], done, "eval")
             if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
-                _save(checkpoint_root, done, learner, backend, stream, history, tcfg.keep_checkpoints)
+                with phase("checkpoint"):
+                    _save(checkpoint_root, done, learner, backend, stream, history, tcfg.keep_checkpoints)
     bar.close()
     learner.set_learning(False)
     return history

@@ -27,6 +27,7 @@ from compressor.checkpoints.logits import logits_metadata, logits_shape
 from compressor.checkpoints.masks import masks_metadata, packed_shape
 from compressor.checkpoints.streaming import stream_safetensors
 from compressor.errors import ModelLoadError, NonFiniteError, SparsityPatternError
+from compressor.models.checks import all_finite
 from compressor.models.config import ModelConfig
 from compressor.models.loading import (
     LoadedModel, _is_compressed_export, load_hf_config, load_tokenizer, local_folder, resolve_source,
@@ -106,7 +107,7 @@ def load_parameter(param: torch.Tensor, key: str, store, backend: Backend) -> No
 
 def _check_finite(model: nn.Module, backend: Backend) -> None:
     """Every rank checks its own partitions; all ranks stop together if any holds NaN or inf."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(_local(p)).all()]
+    bad = [n for n, p in model.named_parameters() if not all_finite(_local(p))]
     flag = backend.all_mean(torch.tensor(float(bool(bad))))
     if float(flag) > 0:
         raise NonFiniteError(f"weight {bad[0] if bad else '(on another rank)'} holds NaN/inf values; the checkpoint "

@@ -39,6 +39,7 @@ def test_prune_terms_by_hand():
     assert est.phases["layer error"] == common + 2 * stream + 2 * grams + 640 * 5 + 24 * 128  # down (8 x 16)
     assert est.phases["write block"] == common + 2 * stream + 2 * grams + 640 * 5 + 656 * 4
     assert est.phases["capture"] == common - 640 / 8 + 10 * 8 * 4 + 2 * stream  # the embedding, no masks yet
+    assert est.phases["load"] == 1000 + 10 * 8 * 4 + 128 * 6  # baseline, the embedding, isfinite's temporaries
     assert est.total == max(est.phases.values()) and est.phase == "solve"
     wanda = predict_prune(SMALL, PruneSetup(num_windows=4, seq_len=3, batch_size=2, baseline=1000, stats="norms",
                                             layer_error=False))

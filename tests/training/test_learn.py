@@ -58,6 +58,11 @@ def test_learn_writes_masks_logits_model_and_report(tmp_path, tiny_llama_dir, te
     scalars = read_scalars(out / report["outputs"]["tensorboard"])
     assert scalars["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in report["history"]["logs"]]
     assert [s for s, _ in scalars["eval/perplexity"]] == [0, 3, 6] and "train/flip_rate" in scalars
+    # the optimizer steps, the curve's evaluations and the checkpoints are phases of their own, inside "train"
+    by_phase = report["memory"]["peak_rss_bytes_by_phase"]
+    inner = ("optimizer steps", "curve evaluation", "checkpoint")
+    assert all(0 < by_phase[p] <= by_phase["train"] for p in inner)
+    assert sum(report["timing"][p] for p in inner) <= report["timing"]["train"]
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("olmo_eval") is None,
