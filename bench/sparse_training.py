@@ -165,7 +165,7 @@ def row_of(arm: str, report: dict, sgpt: Path, out: Path) -> dict:
 NOT_MEASURED = ("arms", "reuse", "keep_rows", "out", "results")
 
 
-def kept_rows(path: Path, args: argparse.Namespace, scores: dict) -> dict[str, dict]:
+def kept_rows(path: Path, args: argparse.Namespace, refs: dict) -> dict[str, dict]:
     """The earlier results' rows of arms not run now, when every measured setting and both references
     (dense and SparseGPT perplexity) are the same; else nothing, and why."""
     if not path.is_file():
@@ -173,7 +173,7 @@ def kept_rows(path: Path, args: argparse.Namespace, scores: dict) -> dict[str, d
     before = json.loads(path.read_text())
     now = {k: v for k, v in vars(args).items() if k not in NOT_MEASURED}
     then = {k: v for k, v in before["settings"].items() if k not in NOT_MEASURED}
-    same_refs = all(before[f"{k}_perplexity"]["perplexity"] == scores[k]["perplexity"] for k in ("dense", "sparsegpt"))
+    same_refs = all(before[f"{k}_perplexity"]["perplexity"] == refs[k]["perplexity"] for k in ("dense", "sparsegpt"))
     if now != then or not same_refs:
         differ = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
         print(f"--keep-rows: {path} was made with other settings ({', '.join(differ) or 'the references'}); "
@@ -222,15 +222,16 @@ def main() -> None:
             continue
         report = train_arm(arm, args, sgpt, out / arm)
         rows[arm] = row_of(arm, report, sgpt, out / arm)
-    scores = {"dense": perplexity(args.model, final_windows), "sparsegpt": perplexity(str(sgpt / "model"), final_windows)}
-    for arm in rows:
-        scores[arm] = own_final(out / arm, final_windows) or perplexity(str(out / arm / "model"), final_windows)
-    dense_ppl, sgpt_ppl = scores["dense"]["perplexity"], scores["sparsegpt"]["perplexity"]
+    # the references: the untrained dense model and SparseGPT's one-shot model (not the arms named dense / sparsegpt)
+    refs = {"dense": perplexity(args.model, final_windows), "sparsegpt": perplexity(str(sgpt / "model"), final_windows)}
+    scores = {arm: own_final(out / arm, final_windows) or perplexity(str(out / arm / "model"), final_windows)
+              for arm in rows}
+    dense_ppl, sgpt_ppl = refs["dense"]["perplexity"], refs["sparsegpt"]["perplexity"]
     same = final_windows == args.eval_windows  # the curve's windows are the final ones: nothing to redo
-    curve_sgpt = scores["sparsegpt"]["perplexity"] if same else perplexity(str(sgpt / "model"), args.eval_windows)["perplexity"]
-    curve_dense = scores["dense"]["perplexity"] if same else perplexity(args.model, args.eval_windows)["perplexity"]
+    curve_sgpt = refs["sparsegpt"]["perplexity"] if same else perplexity(str(sgpt / "model"), args.eval_windows)["perplexity"]
+    curve_dense = refs["dense"]["perplexity"] if same else perplexity(args.model, args.eval_windows)["perplexity"]
 
-    kept = kept_rows(results_dir / "sparse_training.json", args, scores) if args.keep_rows else {}
+    kept = kept_rows(results_dir / "sparse_training.json", args, refs) if args.keep_rows else {}
     rows = {**kept, **rows}
     table = [["arm", "ppl", "gap closed", "tokens/s", "peak RSS GiB", "fwd FLOPs", "bwd FLOPs", "change vs start",
               "change vs SparseGPT"]]
@@ -246,7 +247,7 @@ def main() -> None:
                       r["mask_change_vs_sparsegpt"]])
     from compressor.reporting.markdown import table as markdown_table
 
-    windows = scores["dense"]["windows"]
+    windows = refs["dense"]["windows"]
     markdown = markdown_table(table[0], table[1:])
     print(f"\nperplexity over {windows} windows of wiki.test.raw; {rows and next(iter(rows.values()))['tokens']} "
           f"training tokens of {args.train_data} per arm\n{markdown}")
@@ -262,8 +263,8 @@ def main() -> None:
                "training tokens", f"perplexity (first {args.eval_windows} windows)", logy=True)
     result = {"protocol": "../shared/BENCHMARK.md; final perplexity over "
                           f"{windows} windows, the curve over the first {args.eval_windows}",
-              "settings": {**vars(args), "arms": ["sparsegpt", *rows]}, "dense_perplexity": scores["dense"],
-              "sparsegpt_perplexity": scores["sparsegpt"],
+              "settings": {**vars(args), "arms": ["sparsegpt", *rows]}, "dense_perplexity": refs["dense"],
+              "sparsegpt_perplexity": refs["sparsegpt"],
               "sparsegpt_prune_seconds": sgpt_report["timing"].get("prune_seconds"), "rows": rows, "table": markdown}
     write_results(results_dir / "sparse_training.json", result)
 
