@@ -7,7 +7,8 @@ perplexity dense / 2:4 on wiki.test.raw (../shared/BENCHMARK.md, all 589 windows
 and the size of `compressor export`'s compressed 2:4 folder. Every step is its own CLI process, so each
 peak RSS (report.json ``memory.peak_rss_bytes``, VmHWM; per phase in ``peak_rss_bytes_by_phase``) is that
 step's alone. Each measured peak sits next to ``compressor.parallel.process_memory``'s prediction for the
-same run (flagged beyond 15%); a run
+same run (flagged beyond 15%), made with this host's process baselines, measured first (a minute: the
+tiny random model's prune and learn, whose own terms are a few MB); a run
 predicted not to fit in memory (--max-rss-gib) is skipped and shows its prediction only. Power laws
 cost = c x params^k are fitted over the sizes and extrapolated to 7B and 15B.
 
@@ -101,10 +102,13 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def measure_size(name: str, source: str, a: argparse.Namespace, out: Path, limit: float) -> dict[str, Any]:
+def measure_size(name: str, source: str, a: argparse.Namespace, out: Path, limit: float,
+                 baselines: dict[str, float]) -> dict[str, Any]:
     dims = dims_for_source(source) if Path(source).is_dir() else PRESETS[name]
-    pre_prune = predict_prune(dims, PruneSetup(num_windows=a.calib_windows, seq_len=a.seq_len))
-    pre_learn = predict_learn(dims, LearnSetup(micro_batch=a.micro_batch, seq_len=a.seq_len))
+    pre_prune = predict_prune(dims, PruneSetup(num_windows=a.calib_windows, seq_len=a.seq_len,
+                                               baseline=baselines["prune"]))
+    pre_learn = predict_learn(dims, LearnSetup(micro_batch=a.micro_batch, seq_len=a.seq_len,
+                                               baseline=baselines["learn"]))
     row: dict[str, Any] = {"size": name, "parameters": dims.total_params(),
                            "prune_predicted_gib": pre_prune.total / GIB, "prune_predicted_phase": pre_prune.phase,
                            "learn_predicted_gib": pre_learn.total / GIB, "learn_predicted_phase": pre_learn.phase,
@@ -284,27 +288,37 @@ def main(argv: Optional[list[str]] = None) -> None:
     limit = a.max_rss_gib * GIB if a.max_rss_gib else 0.9 * available_bytes()
     out = Path(a.out) / ("smoke" if a.smoke else "")
 
+    # The process baselines of this host (Python, torch, transformers, tokenizer, allocator arenas differ
+    # between machines): the peaks of the tiny model's runs less its few MB of predicted terms.
+    smoke = argparse.Namespace(**{**vars(a), "calib_windows": 4, "seq_len": 64, "steps": 3, "reuse": False,
+                                  "max_windows": a.max_windows if a.smoke and a.max_windows else 2})
+    defaults = {"prune": float(PRUNE_BASELINE), "learn": float(LEARN_BASELINE)}
+    smoke_out = Path(a.out) / "smoke"
+    smoke_row = measure_size("tiny-llama", str(smoke_model(smoke_out)), smoke, smoke_out / "tiny-llama", limit, defaults)
+    add_ratios(smoke_row)
+    baselines = dict(defaults)
+    for step, base in defaults.items():
+        if smoke_row.get(f"{step}_peak_gib"):
+            model_part = smoke_row[f"{step}_predicted_gib"] - base / GIB
+            baselines[step] = (smoke_row[f"{step}_peak_gib"] - model_part) * GIB
+            smoke_row[f"{step}_baseline_measured_mib"] = round(baselines[step] / 2**20, 1)
+    print("process baselines measured on this host (MiB):", {k: round(v / 2**20, 1) for k, v in baselines.items()})
     if a.smoke:
-        a.calib_windows, a.seq_len, a.steps, a.max_windows = 4, 64, 3, a.max_windows or 2
-        models = [("tiny-llama", str(smoke_model(out)))]
+        a.calib_windows, a.seq_len, a.steps, a.max_windows = smoke.calib_windows, smoke.seq_len, smoke.steps, smoke.max_windows
+        rows = [smoke_row]
     else:
-        models = [(name, name) for name in a.sizes]
-    rows = []
-    for name, source in models:
-        row = measure_size(name, source, a, out / name, limit)
-        add_ratios(row)
-        rows.append(row)
-    if a.smoke:  # the tiny model's terms are a few MB: its peaks are the process baselines
-        for step, base in (("prune", PRUNE_BASELINE), ("learn", LEARN_BASELINE)):
-            if rows[0].get(f"{step}_peak_gib"):
-                model_part = rows[0][f"{step}_predicted_gib"] - base / GIB
-                rows[0][f"{step}_baseline_measured_mib"] = round((rows[0][f"{step}_peak_gib"] - model_part) * 1024, 1)
+        rows = []
+        for name in a.sizes:
+            row = measure_size(name, name, a, out / name, limit, baselines)
+            add_ratios(row)
+            rows.append(row)
 
     fitted = fits(rows)
     settings = {k: getattr(a, k) for k in ("calib_windows", "seq_len", "steps", "micro_batch", "max_windows")}
     settings["malloc_env"] = dict(RUN_ENV)
     write_results(json_path, {"protocol": "../shared/BENCHMARK.md", "settings": settings,
-                              "baselines_mib": {"prune": PRUNE_BASELINE / 2**20, "learn": LEARN_BASELINE / 2**20},
+                              "baselines_mib": {k: round(v / 2**20, 1) for k, v in baselines.items()},
+                              "baselines_source": "measured on this host: the tiny model's runs (runs/bench-scale/smoke)",
                               "results": rows, "fits": fitted})
     plot(rows, fitted, plot_path)
     print(table(rows))
@@ -315,8 +329,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     for label, p in fitted["predicted"].items():
         print(f"predicted at {label} ({p['preset']}, {p['parameters'] / 1e9:.2f} B): lazy prune peak "
               f"{p['prune_peak_gib']:.1f} GiB, MaskLLM peak {p['learn_peak_gib']:.1f} GiB")
-    if a.smoke:
-        print("measured baselines (MiB):", {k: v for k, v in rows[0].items() if k.endswith("baseline_measured_mib")})
     print(f"wrote {json_path} and {plot_path}")
 
 
