@@ -71,12 +71,12 @@ costs one more copy of the block.
   4.65 GiB, 4.62 predicted; it used to be predicted with both files' copies and a serialized bytes
   copy at once (5.80).
 
-Checked so far (2026-12-03, fixed mmap threshold, a machine shared with another benchmark): a random
-hidden-512 model's lazy prune, 16 / 64 windows x 256: 705 / 774 MiB measured, 649 / 722 predicted;
-SmolLM2-135M, 8 windows (before the two-stream fix of the pipeline): prune 0.81 GiB measured, 0.67
-predicted (0.83, outside 15%); MaskLLM 3 steps of 1 x 512: 5.27 GiB, 5.80 predicted (1.10).
-Qwen2.5-Coder-0.5B, 4 windows: prune 2.52 GiB measured, 1.35 predicted (0.54): about 1.1 GiB,
-the size of its untied embedding plus LM head (2 x 0.51 GiB), is not accounted for yet.
+Checked (``bench/scale.py``, 2026-12-03, an AVX2 host, fixed mmap threshold, baselines measured on the
+host: 419 / 426 MiB): MaskLLM 6 steps of 1 x 512, SmolLM2-135M 4.93 GiB measured / 5.18 predicted,
+Qwen2.5-Coder-0.5B 15.35 / 16.19. The lazy prune (32 windows) is under-predicted: SmolLM2 0.89 / 0.73,
+Qwen 2.59 / 1.46. On Qwen the RSS after every block is back at 0.82-0.87 GiB, and a block with one
+pruned linear peaks at 1.20 GiB, but with all seven the solve and the rest of the block sit about
+1.1 GiB higher: live memory after the solve that these terms do not yet name.
 
 Not counted: the Python objects of reports and layer lists, fragmentation beyond the baseline's,
 page cache (file pages mapped by safetensors while a tensor is read count as RSS only during the
