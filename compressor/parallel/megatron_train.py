@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -127,7 +128,10 @@ def forward_backward(model, masks: MaskSet, windows: Sequence[torch.Tensor], lam
     batch, length = windows[0].shape
     data = iter([_split_window(w) for w in windows])
     run = get_forward_backward_func()
-    with bf16_products():  # bf16 megatron weights on a CPU without bf16 units: float32 GEMMs, same numbers
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    bf16 = any(p.dtype == torch.bfloat16 for chunk in chunks for p in chunk.parameters())
+    # bf16 megatron weights on a CPU without bf16 units: float32 GEMMs of the same bf16 numbers
+    with bf16_products() if bf16 else nullcontext():
         return run(forward_step_func=partial(_forward_step, masks, lam, len(windows)), data_iterator=data,
                    model=model, num_microbatches=len(windows), seq_length=length - 1, micro_batch_size=batch,
                    forward_only=forward_only)

@@ -29,6 +29,9 @@ T = TypeVar("T")
 # After the first rank fails, wait this long for the others: when a process dies, its peers fail in
 # their next collective a moment later, and the report should name the rank that died, not its peers.
 FAILURE_GRACE_S = 5.0
+# When a worker process died, wait up to this long for the cluster to declare its node dead, so that the
+# error says a node was lost: the health check declares it seconds after its workers are seen gone.
+NODE_DEATH_WAIT_S = 5.0
 # Each rank's Ray node id, set in its environment (several nodes may share one IP address and host name).
 NODE_ID_ENV = "COMPRESSOR_NODE_ID"
 
@@ -286,17 +289,23 @@ class WorkerGroup:
             by_node.setdefault(node_id, []).append(rank)
         return by_node
 
-    def lost_nodes_text(self) -> str:
-        """Which of the group's nodes the cluster has declared dead, as text for an error ('' if none)."""
+    def lost_nodes_text(self, wait_s: float = 0.0) -> str:
+        """Which of the group's nodes the cluster has declared dead, as text for an error ('' if none).
+        ``wait_s``: how long to wait for a declaration when a worker process died, since a node's
+        health check declares it dead seconds after its workers are seen gone."""
         import ray
 
-        try:
-            dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
-        except Exception as e:  # the error being reported matters more than this note
-            log.debug("ray.nodes: %s", e)
-            return ""
-        lost = {node: ranks for node, ranks in self.ranks_per_node().items() if node in dead}
-        return "".join(f"; node {node} (ranks {ranks}) left the cluster" for node, ranks in lost.items())
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+            except Exception as e:  # the error being reported matters more than this note
+                log.debug("ray.nodes: %s", e)
+                return ""
+            lost = {node: ranks for node, ranks in self.ranks_per_node().items() if node in dead}
+            if lost or time.monotonic() >= deadline:
+                return "".join(f"; node {node} (ranks {ranks}) left the cluster" for node, ranks in lost.items())
+            time.sleep(0.25)
 
     def _reserve(self) -> None:
         import ray
@@ -396,7 +405,7 @@ def run_worker_group(fn: Callable[..., T], args: Sequence[Any] = (), *, world_si
                 root = failed.root
                 if isinstance(root.error, CompressorError):
                     raise root.error
-                lost = group.lost_nodes_text()
+                lost = group.lost_nodes_text(wait_s=NODE_DEATH_WAIT_S if root.died else 0.0)
                 if attempt == attempts:
                     raise WorkerGroupError(
                         f"the worker group failed on attempt {attempt} of {attempts} (ray.max_restarts="
