@@ -31,12 +31,13 @@ def eval_precision(model: nn.Module, dtype: str) -> Iterator[nn.Module]:
     weights are held in bf16 beside float32 ones stays as it was); otherwise a cast copy, so that the
     run's own weights never lose precision."""
     with bf16_products(next(model.parameters()).device) if dtype == "bfloat16" else nullcontext():
-        with _in_dtype(model, DTYPES[dtype], dtype) as evaluated:
+        with _in_dtype(model, dtype) as evaluated:
             yield evaluated
 
 
 @contextmanager
-def _in_dtype(model: nn.Module, target: torch.dtype, dtype: str) -> Iterator[nn.Module]:
+def _in_dtype(model: nn.Module, dtype: str) -> Iterator[nn.Module]:
+    target = DTYPES[dtype]
     tensors = _floating(model)
     if all(t.dtype == target for t in tensors):
         yield model
