@@ -64,7 +64,7 @@ def save_tiny_hf(folder: Path, tied: bool, vocab: int = 96, seed: int = 0, model
     return folder
 
 
-def setup(tp: int, pp: int, folder: str):
+def setup(tp: int, pp: int, folder: str, dtype: torch.dtype = torch.float32):
     """Process group, parallel state, this stage's model with the HF weights: (model, dims, layout, get)."""
     from compressor.parallel.megatron_model import (
         build_gpt_model, init_distributed, init_model_parallel, load_hf_weights, open_hf_folder,
@@ -73,7 +73,7 @@ def setup(tp: int, pp: int, folder: str):
     init_distributed()
     layout = init_model_parallel(tp, pp)
     _, dims, get = open_hf_folder(folder)
-    model = build_gpt_model(dims, layout)
+    model = build_gpt_model(dims, layout, dtype)
     load_hf_weights(model, get, dims, layout)
     return model, dims, layout, get
 
@@ -177,6 +177,38 @@ def masked_step(folder: str, out: str, tp: int, pp: int, windows: torch.Tensor, 
     hard = gather_hf(masks, dims, layout, lambda m: m.hard_mask())
     save_result(out, {"initial": initial, "draws": draws, "soft_loss": soft_loss, "grads": grads,
                       "hard_loss": hard_loss, "hard": hard, "layout": (layout.tp_size, layout.pp_size, layout.dp_size)})
+    teardown()
+
+
+def bf16_step(folder: str, out: str, tp: int, windows: torch.Tensor, tau: float, kappa: float, lam: float, seed: int,
+              hardware: str) -> None:
+    """One noise-free MaskLLM step of a bf16 megatron model as if this host's bf16 path were ``hardware``
+    ("none": the float32 emulation; anything else: torch's own bf16 kernels): loss, the logits' gradients
+    in HF names, and how many operands the emulation rounded (0 when it was not entered)."""
+    import compressor.precision as precision
+    from compressor.methods.maskllm import MaskLLMConfig, set_noise, set_schedule_state
+    from compressor.parallel.megatron_masks import as_mask_dict, attach_sharded_masks, gather_hf
+    from compressor.parallel.megatron_train import global_loss, step_gradients
+
+    rounded = [0]
+    to_float32 = precision._float32_of_bf16
+
+    def counting(x):
+        rounded[0] += isinstance(x, torch.Tensor) and x.is_floating_point()
+        return to_float32(x)
+
+    precision.bf16_hardware = lambda device="cpu": hardware
+    precision._float32_of_bf16 = counting
+    model, dims, layout, _ = setup(tp, 1, folder, torch.bfloat16)
+    masks = attach_sharded_masks(model, dims, layout, MaskLLMConfig(sparsity="2:4"), seed=seed)
+    plain = as_mask_dict(masks)
+    set_schedule_state(plain, tau, kappa)
+    set_noise(plain, False)
+    model.train()
+    loss = global_loss(step_gradients(model, masks, list(windows), lam, layout, "step"), layout)
+    grads = gather_hf(masks, dims, layout, lambda m: m.logits.grad.float().clone())
+    save_result(out, {"loss": loss, "grads": grads, "rounded": rounded[0],
+                      "dtypes": {p.dtype for p in model.parameters()}})
     teardown()
 
 

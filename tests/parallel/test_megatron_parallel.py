@@ -16,7 +16,7 @@ import torch
 from compressor.methods.maskllm import (
     MaskLLMConfig, attach_masks, hold_samples, mask_train, set_noise, set_schedule_state, step_surrogate,
 )
-from tests.parallel.megatron_workers import SAMPLE_MODES, masked_step, run_ranks, save_tiny_hf
+from tests.parallel.megatron_workers import SAMPLE_MODES, bf16_step, masked_step, run_ranks, save_tiny_hf
 
 pytest.importorskip("megatron.core")
 
@@ -109,3 +109,28 @@ def check_layout_matches(tmp_path, folder, windows, want, tp, pp, dp):
     assert got["hard_loss"] == pytest.approx(want["hard_loss"], rel=1e-6)
     for name, value in want["hard"].items():
         assert torch.equal(got["hard"][name], value), name
+
+
+def test_bf16_weights_on_a_host_without_bf16_units_learn_like_torchs_bf16_kernels(tmp_path, tiny_folder, windows,
+                                                                                   want):
+    """megatron runs bf16 weights without autocast. On a CPU without bf16 units (simulated: the host's bf16
+    path reported as "none") its products take the float32 emulation of the same bf16 numbers; the loss and
+    logits gradients are those of torch's own bf16 kernels (the path "amx" selects) within bf16 rounding,
+    and close to the float32 run's."""
+    got = {}
+    for hardware in ("none", "amx"):
+        out = tmp_path / hardware
+        out.mkdir()
+        run_ranks(bf16_step, 2, str(tiny_folder), str(out), 2, windows, TAU, KAPPA, LAM, SEED, hardware)
+        got[hardware] = torch.load(out / "result.pt", weights_only=False)
+    emulated, native = got["none"], got["amx"]
+    assert torch.bfloat16 in emulated["dtypes"] and torch.bfloat16 in native["dtypes"]
+    assert emulated["rounded"] > 0 and native["rounded"] == 0  # the emulation ran only where it should
+    assert emulated["loss"] == pytest.approx(native["loss"], rel=1e-2)
+    assert emulated["loss"] == pytest.approx(want["soft_loss"], rel=2e-2)
+    assert set(emulated["grads"]) == set(native["grads"]) == set(want["grads"])
+    flat = {k: torch.cat([g[n].flatten() for n in sorted(want["grads"])])
+            for k, g in (("emulated", emulated["grads"]), ("native", native["grads"]), ("float32", want["grads"]))}
+    cosine = torch.nn.functional.cosine_similarity
+    assert float(cosine(flat["emulated"], flat["native"], dim=0)) > 0.99
+    assert float(cosine(flat["emulated"], flat["float32"].float(), dim=0)) > 0.98
