@@ -49,8 +49,13 @@ def prune_report_markdown(report: Mapping[str, Any]) -> str:
 
 def phase_peaks(report: Mapping[str, Any]) -> Optional[str]:
     """``load 0.61, calibrate 0.72, ...``: where this process's memory peaked (None where not measured)."""
-    peaks = report.get("memory", {}).get("peak_rss_bytes_by_phase")
-    return ", ".join(f"{k} {v / 2**30:.3f}" for k, v in peaks.items()) if peaks else None
+    memory = report.get("memory", {})
+    peaks = memory.get("peak_rss_bytes_by_phase")
+    if not peaks:
+        return None
+    cost = memory.get("accounting_seconds")
+    cost = f" (measured at {memory['accounting_boundaries']} boundaries, {cost:.2f} s)" if cost is not None else ""
+    return ", ".join(f"{k} {v / 2**30:.3f}" for k, v in peaks.items()) + cost
 
 
 def plan_markdown(plan: Optional[Mapping[str, Any]]) -> list[str]:

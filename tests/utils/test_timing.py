@@ -44,6 +44,8 @@ def test_each_phase_records_its_own_peak_and_the_run_peak_survives_the_resets():
     assert peaks["large"] > peaks["small"] + 300 * MiB  # freed memory leaves the later phase's peak alone
     assert peaks["after"] < peaks["large"] - 300 * MiB
     assert peak_rss_bytes() >= peaks["large"]  # the whole run's peak is kept across the resets
+    assert timer.boundaries == 6 and timer.accounting_seconds > 0  # what the peaks cost is counted
+    assert PhaseTimer(track_memory=False).accounting_seconds == 0
 
 
 @needs_reset
