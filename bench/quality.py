@@ -70,7 +70,8 @@ def discover(runs: Optional[str], names: Optional[list[str]], extra: list[str]) 
     if runs:
         for folder in sorted(Path(runs).iterdir()):
             if (folder / "report.json").is_file() and (folder / "model").is_dir():
-                rows[folder.name] = str(folder)
+                # the sparse-training bench's `dense` arm is the dense model fine-tuned, not the reference
+                rows["dense_finetuned" if folder.name == "dense" else folder.name] = str(folder)
     for item in extra:
         label, sep, source = item.partition("=")
         if not sep:

@@ -43,7 +43,7 @@ from results_io import write_results  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 ARMS = ["sparsegpt", "fixed_mask", "srste", "pdp_dense", "pdp_sparsegpt", "bdwp", "maskllm", "maskllm_weights",
-        "dense"]
+        "dense", "fixed_mask_distill"]
 
 
 def arm_config(arm: str, args: argparse.Namespace, sgpt: Path) -> dict[str, Any]:
@@ -72,6 +72,9 @@ def arm_config(arm: str, args: argparse.Namespace, sgpt: Path) -> dict[str, Any]
                             "maskllm": {"prior_strength": 6.0, "logits_lr": args.logits_lr, "train_weights": True,
                                         "weight_lr": args.lr}},
         "dense": {"model": dense_source, "method": {"kind": "dense", **lr}},
+        # issue 20: the same fine-tune taught by the dense model (KL to its logits alone, T = 1)
+        "fixed_mask_distill": {"model": sgpt_model, "method": {"kind": "fixed_mask", **lr}, "prior": prior_file,
+                               "distill": {"weight": 1.0, "temperature": 1.0, "teacher": dense_source}},
     }
     spec = methods[arm]
     cfg["model"]["source"] = spec.pop("model")
