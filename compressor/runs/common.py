@@ -81,8 +81,8 @@ def memory_record(timer: Optional[PhaseTimer] = None) -> dict[str, Any]:
     record: dict[str, Any] = {"peak_rss_bytes": peak_rss_bytes()}
     if timer is not None and timer.peak_rss_by_phase():
         record["peak_rss_bytes_by_phase"] = timer.peak_rss_by_phase()
-        record["accounting_seconds"] = round(timer.accounting_seconds, 3)  # the heap trims those peaks cost
-        record["accounting_boundaries"] = timer.boundaries
+        record["accounting_seconds"] = round(timer.accounting_seconds, 3)  # what measuring those peaks cost
+        record["accounting_boundaries"], record["accounting_trims"] = timer.boundaries, timer.trims
     return record
 
 

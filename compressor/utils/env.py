@@ -93,16 +93,17 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux (bytes on macOS)
 
 
-def restart_peak_rss() -> int | None:
-    """The peak RSS since the last restart (or the start); then freed heap blocks go back to the OS and the
-    high-water mark restarts from the live memory (Linux: ``5`` to /proc/self/clear_refs), so that the
-    next phase's own peak can be read. peak_rss_bytes() still returns the whole run's. None where the OS
-    cannot restart the mark."""
+def restart_peak_rss(release: bool = True) -> int | None:
+    """The peak RSS since the last restart (or the start); then (``release``) freed heap blocks go back to
+    the OS and the high-water mark restarts from the live memory (Linux: ``5`` to /proc/self/clear_refs), so
+    that the next phase's own peak can be read. peak_rss_bytes() still returns the whole run's. None where
+    the OS cannot restart the mark. The release walks the whole heap (``malloc_trim``); the restart is cheap."""
     global _PEAK_BEFORE_RESETS
     peak = _vm_hwm()  # read before the trim: VmHWM also counts the current RSS, which the trim lowers
     if peak is None:
         return None
-    release_freed_memory()
+    if release:
+        release_freed_memory()
     try:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")

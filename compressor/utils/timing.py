@@ -19,20 +19,24 @@ class PhaseTimer:
         self.peaks: dict[str, int] = {}
         self._open: list[str] = []
         self._memory = track_memory
-        # what the per-phase peaks cost (a heap trim and a mark restart at every boundary): outside each
-        # phase's own seconds, inside an enclosing phase's
+        # what the per-phase peaks cost (mark restarts, and heap trims): outside each phase's own seconds,
+        # inside an enclosing phase's
         self.accounting_seconds = 0.0
         self.boundaries = 0
+        self.trims = 0
+        self._last_closed: str | None = None
 
-    def _flush_peak(self) -> None:
+    def _flush_peak(self, release: bool) -> None:
         """Charge the peak since the last boundary to every open phase, and restart the mark from the live
-        memory (freed heap blocks go back to the OS first, or the next phase would reuse them unseen)."""
+        memory (with ``release``, freed heap blocks go back to the OS first, or the next phase would reuse
+        them unseen)."""
         if not self._memory:
             return
         start = time.perf_counter()
-        peak = restart_peak_rss()
+        peak = restart_peak_rss(release)
         self.accounting_seconds += time.perf_counter() - start
         self.boundaries += 1
+        self.trims += release
         if peak is None:
             self._memory = False
             return
@@ -41,15 +45,18 @@ class PhaseTimer:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        self._flush_peak()
+        # The heap is trimmed when a phase starts, unless the same phase just ended (a training loop's
+        # steps): the step reuses what the one before it freed, and a trim per step walks a heap of GiBs.
+        self._flush_peak(release=name != self._last_closed)
         self._open.append(name)
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - start
-            self._flush_peak()
+            self._flush_peak(release=False)  # the next phase's start trims
             self._open.remove(name)
+            self._last_closed = name
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.seconds.items()}

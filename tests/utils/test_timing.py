@@ -44,8 +44,25 @@ def test_each_phase_records_its_own_peak_and_the_run_peak_survives_the_resets():
     assert peaks["large"] > peaks["small"] + 300 * MiB  # freed memory leaves the later phase's peak alone
     assert peaks["after"] < peaks["large"] - 300 * MiB
     assert peak_rss_bytes() >= peaks["large"]  # the whole run's peak is kept across the resets
-    assert timer.boundaries == 6 and timer.accounting_seconds > 0  # what the peaks cost is counted
+    assert timer.boundaries == 6 and timer.trims == 3 and timer.accounting_seconds > 0  # what the peaks cost
     assert PhaseTimer(track_memory=False).accounting_seconds == 0
+
+
+@needs_reset
+def test_a_phase_entered_again_straight_after_itself_is_not_trimmed_again():
+    """A training loop's steps: one heap trim for a run of steps, not two per step; each step's peak is
+    still charged to it, and a different phase in between trims again."""
+    timer = PhaseTimer()
+    for _ in range(5):
+        with timer.phase("step"):
+            _touch(64)
+    with timer.phase("evaluate"):
+        pass
+    with timer.phase("step"):
+        pass
+    assert timer.boundaries == 14 and timer.trims == 3  # the first step, the evaluation, the step after it
+    peaks = timer.peak_rss_by_phase()
+    assert peaks["step"] > peaks["evaluate"] + 48 * MiB
 
 
 @needs_reset
