@@ -384,7 +384,7 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
         load_hf_logits(masks, load_logits(path / "logits.safetensors" if path.is_dir() else path), dims, layout)
     tokenizer = load_tokenizer(folder)
     stream = make_stream(cfg, tokenizer, layout.dp_rank, layout.dp_size)
-    from compressor.training.backends import adamw
+    from compressor.training.backends import adamw, scale_learning_rates
 
     optimizer = adamw([{"params": [s.mask.logits for s in masks.values()], "lr": mcfg.logits_lr}])
     timer["load"] = time.perf_counter() - started
@@ -414,6 +414,7 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
     for step in range(start, t.steps):
         tau, kappa, lam = schedule_at(mcfg, step, t.steps)
         set_schedule_state(plain, tau, kappa)
+        scale_learning_rates(optimizer.param_groups, [mcfg.logits_lr], t.lr_scale_at(step))
         windows = [stream.next_batch(t.micro_batch_size) for _ in range(n_mb)]  # each (B, T)
         records = step_gradients(model, masks, windows, lam, layout, mcfg.sample_every)
         loss = global_loss(records, layout)
@@ -430,7 +431,8 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
             prev_argmax = {n: m.argmax_patterns() for n, m in plain.items()}
             seconds = _max_over_ranks(clock.seconds())  # one value for every rank's history
             row = log_row(done, tokens_per_step, window_loss / window_steps,
-                          maskllm_log_values((tau, kappa, lam), stats), seconds, window_steps)
+                          {**maskllm_log_values((tau, kappa, lam), stats), "lr_scale": t.lr_scale_at(step)},
+                          seconds, window_steps)
             history["logs"].append(row)
             if rank0:
                 scalars(row, done, "train")

@@ -88,6 +88,10 @@ class Backend(ABC):
         """Optimizer step and zeroed gradients, after ``grad_accum`` backward calls."""
 
     @abstractmethod
+    def scale_lr(self, scale: float) -> None:
+        """Set every learning rate to ``scale`` x its configured value, for the coming optimizer step."""
+
+    @abstractmethod
     def optimizer_state(self) -> Any: ...
 
     @abstractmethod
@@ -132,10 +136,22 @@ def adamw(param_groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
 
 
+def scale_learning_rates(groups: list[dict], base: list[float], scale: float) -> None:
+    """Each optimizer param group's lr := its configured lr ``base[i]`` x ``scale`` (train.lr_scale)."""
+    if len(groups) != len(base):
+        raise ValueError(f"{len(groups)} optimizer param groups but {len(base)} configured learning rates")
+    for group, lr in zip(groups, base):
+        group["lr"] = lr * scale
+
+
 class SingleProcessBackend(Backend):
     def setup(self, model, param_groups, grad_accum, micro_batch) -> None:
         self.optimizer = adamw(param_groups)
         self.grad_accum = grad_accum
+        self.base_lrs = [g["lr"] for g in param_groups]
+
+    def scale_lr(self, scale: float) -> None:
+        scale_learning_rates(self.optimizer.param_groups, self.base_lrs, scale)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
@@ -194,6 +210,7 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         self.grad_accum = grad_accum
+        self.base_lrs = [g["lr"] for g in param_groups]
         optimizer = adamw(param_groups)
         params = [p for g in param_groups for p in g["params"]]
         config = self.cfg.engine_config(micro_batch, grad_accum)
@@ -208,6 +225,10 @@ class DeepSpeedBackend(Backend):
 
     def step(self) -> None:
         pass  # the engine stepped at the accumulation boundary inside ``backward``
+
+    def scale_lr(self, scale: float) -> None:
+        # before the step's backward passes: the engine steps inside the last of them
+        scale_learning_rates(self.optimizer.param_groups, self.base_lrs, scale)
 
     # Entries of a ZeRO optimizer's state that are DeepSpeed objects rather than data: a checkpoint holds
     # no objects (compressor.checkpoints.tree), and these follow from the configuration anyway (the

@@ -11,6 +11,7 @@ from compressor.config.base import InputPath, StrictModel
 from compressor.data.config import DatasetConfig
 from compressor.eval.config import EvalConfig
 from compressor.methods.maskllm.config import MaskLLMConfig
+from compressor.methods.maskllm.schedules import Schedule
 from compressor.methods.registry import METHODS, SparseGPTOptions, SparseSwapsOptions
 from compressor.methods.sparse_training.config import (
     BDWPMethod, DenseMethod, FixedMaskMethod, PDPMethod, SRSTEMethod,
@@ -65,6 +66,25 @@ class TrainConfig(StrictModel):
     eval_tasks_limit: Optional[PositiveInt] = None
     checkpoint_every: PositiveInt = 50
     keep_checkpoints: PositiveInt = 2
+    # Every learning rate of the method times this factor over the steps (e.g. {start: 1, end: 0.1, kind:
+    # cosine} for a long run), after warmup_steps of linear warmup; a function of the step, so a resumed run
+    # continues the same schedule.
+    lr_scale: Schedule = Schedule.constant(1.0)
+    warmup_steps: int = Field(0, ge=0)
+
+    def lr_scale_at(self, step: int) -> float:
+        """The factor of optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return self.lr_scale.value_at(step - self.warmup_steps, self.steps - self.warmup_steps)
+
+    @model_validator(mode="after")
+    def _warmup_inside_the_run(self) -> "TrainConfig":
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be below train.steps ({self.steps})")
+        if min(self.lr_scale.start, self.lr_scale.end) < 0:
+            raise ValueError(f"train.lr_scale must stay >= 0, got start {self.lr_scale.start}, end {self.lr_scale.end}")
+        return self
 
     @field_validator("eval_tasks")
     @classmethod

@@ -111,6 +111,8 @@ def train(
         check = lambda t, s=step: _check_finite(t, s, checkpoint_root, learner.lr_keys)  # noqa: E731
         with phase("optimizer steps"):
             schedule = learner.begin_step(step, tcfg.steps)
+            schedule["lr_scale"] = tcfg.lr_scale_at(step)
+            backend.scale_lr(schedule["lr_scale"])  # after a resume too: the optimizer state held the old lr
             step_loss = torch.zeros((), dtype=torch.float64)
             for _ in range(tcfg.grad_accum):
                 ids = stream.next_batch(tcfg.micro_batch_size)  # (B, T)

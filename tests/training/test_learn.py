@@ -95,7 +95,9 @@ class _Kill(Exception):
 
 
 def test_resume_after_kill_reproduces_logits_bit_for_bit(tmp_path, tiny_llama_dir, text_file, monkeypatch):
-    cfg = _cfg(tiny_llama_dir, text_file, **{"evaluation.enabled": False})
+    # with a learning-rate schedule: the resumed run must continue it, not restart it or keep the saved lr
+    cfg = _cfg(tiny_llama_dir, text_file, **{"evaluation.enabled": False, "train.warmup_steps": 2,
+                                             "train.lr_scale": {"start": 1.0, "end": 0.1, "kind": "cosine"}})
     run_learn(cfg, tmp_path / "whole")
     whole = load_logits(tmp_path / "whole" / "logits.safetensors")
 
@@ -117,6 +119,9 @@ def test_resume_after_kill_reproduces_logits_bit_for_bit(tmp_path, tiny_llama_di
     resumed = load_logits(tmp_path / "killed" / "logits.safetensors")
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
+    logs = json.loads((tmp_path / "killed" / "report.json").read_text())["history"]["logs"]
+    # steps 1, 3, 5 (0-based) end the log windows: warmup to 1, then half a cosine from 1 to 0.1 over 4 steps
+    assert [r["lr_scale"] for r in logs] == pytest.approx([1.0, 1 - 0.9 * 0.25, 0.1])
 
 
 @pytest.mark.parametrize("sample_every,poison", [("micro_batch", "sparse_weight_regularizer"),
