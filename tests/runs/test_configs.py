@@ -101,3 +101,20 @@ def test_shipped_search_configs_validate(path):
     assert len(cfg.level_set) >= 2 and cfg.fitness.seed != cfg.calibration.seed
     assert cfg.calibration.data.source.endswith("wiki.valid.tokens")
     assert cfg.evaluation.data.source.endswith("wiki.test.raw") and not cfg.evaluation.enabled  # `--evaluate`
+
+
+def test_the_shipped_recipe_chains_its_prune_into_its_training():
+    """configs/recipes: step 2 trains the model and mask step 1 writes, on the general corpus (never WikiText),
+    in bf16, with a decaying learning rate."""
+    from compressor.training.config import LearnConfig
+
+    recipes = ROOT / "configs" / "recipes"
+    prune = load_config(PruneConfig, recipes / "smollm2_24_cpu_3h_prune.yaml")
+    train = load_config(LearnConfig, recipes / "smollm2_24_cpu_3h_train.yaml")
+    assert prune.sparsity == train.sparsity == NM(2, 4) and prune.precision.statistics == "bfloat16"
+    assert "wiki.valid.tokens" in prune.calibration.data.source
+    out = "runs/recipe-24/prune"  # the --output of step 1 in the files' comments
+    assert (recipes / "smollm2_24_cpu_3h_prune.yaml").read_text().count(f"--output {out}") == 1
+    assert train.model.source == f"{out}/model" and train.prior.path == out
+    assert train.train.data.source == "corpus:train" and train.precision.compute == "bfloat16"
+    assert train.train.lr_scale_at(train.train.steps - 1) < train.train.lr_scale_at(train.train.warmup_steps)
