@@ -414,7 +414,8 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
     for step in range(start, t.steps):
         tau, kappa, lam = schedule_at(mcfg, step, t.steps)
         set_schedule_state(plain, tau, kappa)
-        scale_learning_rates(optimizer.param_groups, [mcfg.logits_lr], t.lr_scale_at(step))
+        lr_scale = t.lr_scale_at(step)
+        scale_learning_rates(optimizer.param_groups, [mcfg.logits_lr], lr_scale)
         windows = [stream.next_batch(t.micro_batch_size) for _ in range(n_mb)]  # each (B, T)
         records = step_gradients(model, masks, windows, lam, layout, mcfg.sample_every)
         loss = global_loss(records, layout)
@@ -431,7 +432,7 @@ def _train(cfg: DistributedLearnConfig, out: Path) -> Optional[dict[str, Any]]:
             prev_argmax = {n: m.argmax_patterns() for n, m in plain.items()}
             seconds = _max_over_ranks(clock.seconds())  # one value for every rank's history
             row = log_row(done, tokens_per_step, window_loss / window_steps,
-                          {**maskllm_log_values((tau, kappa, lam), stats), "lr_scale": t.lr_scale_at(step)},
+                          {**maskllm_log_values((tau, kappa, lam), stats), "lr_scale": lr_scale},
                           seconds, window_steps)
             history["logs"].append(row)
             if rank0:

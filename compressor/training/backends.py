@@ -87,9 +87,10 @@ class Backend(ABC):
     def step(self) -> None:
         """Optimizer step and zeroed gradients, after ``grad_accum`` backward calls."""
 
-    @abstractmethod
     def scale_lr(self, scale: float) -> None:
-        """Set every learning rate to ``scale`` x its configured value, for the coming optimizer step."""
+        """Set every learning rate to ``scale`` x its configured value (``base_lrs``, kept by ``setup``), for
+        the coming optimizer step; called before its backward passes (DeepSpeed steps inside the last one)."""
+        scale_learning_rates(self.optimizer.param_groups, self.base_lrs, scale)
 
     @abstractmethod
     def optimizer_state(self) -> Any: ...
@@ -149,9 +150,6 @@ class SingleProcessBackend(Backend):
         self.optimizer = adamw(param_groups)
         self.grad_accum = grad_accum
         self.base_lrs = [g["lr"] for g in param_groups]
-
-    def scale_lr(self, scale: float) -> None:
-        scale_learning_rates(self.optimizer.param_groups, self.base_lrs, scale)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
@@ -225,10 +223,6 @@ class DeepSpeedBackend(Backend):
 
     def step(self) -> None:
         pass  # the engine stepped at the accumulation boundary inside ``backward``
-
-    def scale_lr(self, scale: float) -> None:
-        # before the step's backward passes: the engine steps inside the last of them
-        scale_learning_rates(self.optimizer.param_groups, self.base_lrs, scale)
 
     # Entries of a ZeRO optimizer's state that are DeepSpeed objects rather than data: a checkpoint holds
     # no objects (compressor.checkpoints.tree), and these follow from the configuration anyway (the
