@@ -88,6 +88,10 @@ def run_block(block: nn.Module, inputs: BlockInputs, desc: str | None = None,
     return BlockInputs(out, inputs.kwargs)
 
 
+class _StatsDone(Exception):
+    pass
+
+
 @torch.no_grad()
 def collect_block_stats(
     block: nn.Module,
@@ -97,24 +101,47 @@ def collect_block_stats(
     prefix: str = "block",
     desc: str | None = None,
     precision: Precision = Precision(),
-) -> tuple[dict[str, InputStats], BlockInputs]:
+    outputs: bool = True,
+) -> tuple[dict[str, InputStats], BlockInputs | None]:
     """Run ``block`` with hooks and return per-input-group statistics and the block's outputs.
 
-    One hook per group, on its first linear: the linears of a group read the same tensor.
+    One hook per group, on its first linear: the linears of a group read the same tensor. With
+    ``outputs=False`` each batch stops once the last group's input is seen (for LLaMA blocks: before
+    down_proj, a quarter of the block's linear FLOPs) and no outputs are returned; ``groups`` must then be
+    in execution order, as ``DecoderArch.input_groups`` are.
     """
     stats: dict[str, InputStats] = {}
+    seen: list[str] = []  # groups whose hook fired in the current batch
     handles = []
-    for group in groups:
+    for i, group in enumerate(groups):
         linear = block.get_submodule(group.linears[0])
         stats[group.name] = InputStats.empty(kind, linear.in_features, precision.statistics_dtype)
+        stop = not outputs and i == len(groups) - 1
 
-        def hook(module, args, _s=stats[group.name], _what=f"{prefix}.{group.linears[0]} input"):
+        def hook(module, args, _s=stats[group.name], _what=f"{prefix}.{group.linears[0]} input", _stop=stop,
+                 _name=group.name):
             _s.add(args[0], _what)
+            seen.append(_name)
+            if _stop:
+                raise _StatsDone
 
         handles.append(linear.register_forward_pre_hook(hook))
     try:
-        outputs = run_block(block, inputs, desc, precision)
+        if outputs:
+            return stats, run_block(block, inputs, desc, precision)
+        for hidden, kwargs in tqdm(zip(inputs.hidden, inputs.kwargs), total=len(inputs), desc=desc, leave=False,
+                                   disable=desc is None):
+            seen.clear()
+            try:
+                with precision.autocast(hidden.device):
+                    block(hidden, use_cache=False, **kwargs)
+            except _StatsDone:
+                pass
+            if len(seen) != len(groups):
+                missed = sorted({g.name for g in groups} - set(seen))
+                raise RuntimeError(f"{prefix}: input groups {missed} were not reached before the last group "
+                                   f"{groups[-1].name!r}; list the groups in execution order")
+        return stats, None
     finally:
         for h in handles:
             h.remove()
-    return stats, outputs

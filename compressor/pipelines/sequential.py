@@ -245,10 +245,9 @@ def prune_sequential(
             stats: dict[str, InputStats] = {}
             if pruned_in is not None:
                 with timer.phase("calibrate"):
-                    # [0]: the outputs are not kept (a name holding them would keep a stream alive
-                    # through the propagation pass below)
+                    # the dense block's outputs are not needed: the pruned block's are propagated below
                     stats = collect_block_stats(block, pruned_in, groups, needs, f"{arch.blocks}.{k}",
-                                                precision=plan.precision)[0]
+                                                precision=plan.precision, outputs=False)[0]
             with timer.phase("solve"):
                 results = _solve_block(block, block_targets, stats, plan, executor)
             with timer.phase("checkpoint"):
