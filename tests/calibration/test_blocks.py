@@ -51,12 +51,16 @@ def test_group_statistics_are_the_inputs_each_linear_sees(tiny_llama_dir):
     assert stats["mlp_out"].width == 128
 
 
+def _first_block(folder):
+    """Block 0 of the model in ``folder``, the model's arch and the block's inputs (6 windows, batches of 4)."""
+    loaded = load_model(str(folder))
+    model, arch = loaded.model, loaded.arch
+    return decoder_blocks(model, arch)[0], arch, capture_block_inputs(model, arch, _windows(), batch_size=4)
+
+
 @torch.no_grad()
 def test_statistics_without_outputs_stop_at_the_last_group_and_match(tiny_llama_dir):
-    loaded = load_model(str(tiny_llama_dir))
-    model, arch = loaded.model, loaded.arch
-    block = decoder_blocks(model, arch)[0]
-    inputs = capture_block_inputs(model, arch, _windows(), batch_size=4)
+    block, arch, inputs = _first_block(tiny_llama_dir)
     full, outs = collect_block_stats(block, inputs, arch.input_groups, "gram")
     ran: list[str] = []
     handles = [block.get_submodule(rel).register_forward_hook(lambda m, a, o, rel=rel: ran.append(rel))
@@ -79,10 +83,7 @@ def test_statistics_without_outputs_stop_at_the_last_group_and_match(tiny_llama_
 
 @torch.no_grad()
 def test_statistics_without_outputs_refuse_groups_out_of_execution_order(tiny_llama_dir):
-    loaded = load_model(str(tiny_llama_dir))
-    model, arch = loaded.model, loaded.arch
-    block = decoder_blocks(model, arch)[0]
-    inputs = capture_block_inputs(model, arch, _windows(), batch_size=4)
+    block, arch, inputs = _first_block(tiny_llama_dir)
     reordered = [arch.input_groups[2], arch.input_groups[0]]  # the MLP input runs after the attention input
     with pytest.raises(RuntimeError, match=r"\['mlp_in'\] were not reached.*execution order"):
         collect_block_stats(block, inputs, reordered, "norms", outputs=False)
