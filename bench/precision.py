@@ -15,7 +15,7 @@ gram: the relative Frobenius error of the Gram matrices of the first blocks' rea
 maskllm: the shipped recipe (configs/learn/smollm2_wikitext.yaml) from the same prior for --steps steps in
 each precision: training tokens/s, hard-mask perplexity against tokens, peak RSS.
 payoff: the issue's payoff run, MaskLLM from the SparseGPT prior on the bf16 path for --steps steps of the
-shipped recipe (4,096 tokens each; size --steps to an hour of this host: 150 at 24 s per step on an
+shipped recipe (4,096 tokens each; size --steps to an hour of this host: 150 at 21 s per step on an
 AVX512-BF16 Zen 4 host); its hard mask, the prior and the
 dense model over --final-windows windows (all 589 by default), in float32; the share of the SparseGPT-to-dense
 gap it closes; the curve in precision_payoff.png. --results writes elsewhere (e.g. a host's folder).
