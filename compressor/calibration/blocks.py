@@ -79,13 +79,20 @@ def run_block(block: nn.Module, inputs: BlockInputs, desc: str | None = None,
               precision: Precision = Precision()) -> BlockInputs:
     """Outputs of ``block`` for every batch (in the dtype of its inputs): the next block's inputs."""
     out = []
-    batches = zip(inputs.hidden, inputs.kwargs)
-    for hidden, kwargs in tqdm(batches, total=len(inputs), desc=desc, leave=False, disable=desc is None):
-        with precision.autocast(hidden.device):
-            result = block(hidden, use_cache=False, **kwargs)
+    for hidden, kwargs in _batches(inputs, desc):
+        result = _forward(block, hidden, kwargs, precision)
         result = result[0] if isinstance(result, tuple) else result
         out.append(result.to(hidden.dtype))
     return BlockInputs(out, inputs.kwargs)
+
+
+def _batches(inputs: BlockInputs, desc: str | None):
+    return tqdm(zip(inputs.hidden, inputs.kwargs), total=len(inputs), desc=desc, leave=False, disable=desc is None)
+
+
+def _forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict, precision: Precision):
+    with precision.autocast(hidden.device):
+        return block(hidden, use_cache=False, **kwargs)
 
 
 class _StatsDone(Exception):
@@ -129,12 +136,10 @@ def collect_block_stats(
     try:
         if outputs:
             return stats, run_block(block, inputs, desc, precision)
-        for hidden, kwargs in tqdm(zip(inputs.hidden, inputs.kwargs), total=len(inputs), desc=desc, leave=False,
-                                   disable=desc is None):
+        for hidden, kwargs in _batches(inputs, desc):
             seen.clear()
             try:
-                with precision.autocast(hidden.device):
-                    block(hidden, use_cache=False, **kwargs)
+                _forward(block, hidden, kwargs, precision)
             except _StatsDone:
                 pass
             if len(seen) != len(groups):
