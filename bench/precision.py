@@ -35,6 +35,7 @@ from pathlib import Path
 from results_io import read_results, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "bench" / "results" / "precision.json"
 SETTINGS = {
     "fp32": ["precision.compute=float32", "precision.statistics=float64"],
@@ -102,7 +103,7 @@ def gram(args) -> None:
     from compressor.models.layers import decoder_blocks
 
     loaded = load_model("smollm2-135m")
-    tokens = load_token_ids(str(ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"), loaded.tokenizer)
+    tokens = load_token_ids(str(WIKITEXT / "wiki.valid.tokens"), loaded.tokenizer)
     inputs = capture_block_inputs(loaded.model, loaded.arch, calibration_windows(tokens, args.windows, 512, 0), 8)
     dtypes = {"float64 products": torch.float64, "float32 products (statistics: float64)": torch.float32,
               "bf16 products (statistics: bfloat16)": torch.bfloat16}
@@ -189,7 +190,7 @@ def payoff(args) -> None:
         path = out / f"eval-{label}-{windows}.json"
         if not (args.reuse and path.is_file()):
             _run([sys.executable, "-m", "compressor.cli", "eval", "--model", model, "--output", str(path), "--overwrite",
-                  "--set", f"evaluation.data.source={ROOT.parent / 'shared/data/wikitext-2/wiki.test.raw'}",
+                  "--set", f"evaluation.data.source={WIKITEXT / 'wiki.test.raw'}",
                   "--set", f"evaluation.max_windows={args.final_windows or 'null'}"])
         final[label] = json.loads(path.read_text())["perplexity"]
     ppl = {k: v["perplexity"] for k, v in final.items()}
@@ -228,7 +229,7 @@ def emulation(args) -> None:
 
     loaded = load_model("smollm2-135m")
     model = loaded.model
-    text = (ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens").read_text()[: 50 * args.batch * args.seq_len]
+    text = (WIKITEXT / "wiki.valid.tokens").read_text()[: 50 * args.batch * args.seq_len]
     ids = torch.tensor(loaded.tokenizer(text, add_special_tokens=False)["input_ids"][: args.batch * args.seq_len])
     ids = ids.reshape(args.batch, args.seq_len)
     paths = {"float32": (False, nullcontext), "bf16 (torch kernels)": (True, nullcontext),
